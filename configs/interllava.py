@@ -1,0 +1,151 @@
+"""InterLLaVA configurations.
+
+`--config=configs/interllava.py[:PRESET]`, PRESET one of:
+  official  the 2025 official code's settings (reference §7): 7B, 64 frames per video (default)
+  paper     the paper's setting: 12 frames per retrieval candidate, 96 for moments, wd 1e-6
+  small     the benchmark config of SPEC §5 (same work for every measurement)
+  tiny      minimal dimensions for unit tests
+  demo      the CPU end-to-end run on the toy corpus
+Override any field from the command line, e.g. `--config.model.vit.depth=3`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+PRESETS = ("official", "paper", "small", "tiny", "demo")
+
+# Logical axis name -> mesh axis (or axes) it is sharded over; unlisted names are replicated.
+# A mesh axis is used at most once per array, and an axis that does not divide a dimension
+# falls back to replication (see ivcr_jax.sharding).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def _model() -> ml_collections.ConfigDict:
+  """The official 2025 architecture (reference §1)."""
+  m = ml_collections.ConfigDict()
+  m.dtype = "bfloat16"  # compute dtype (official: fp16 autocast)
+  m.param_dtype = "float32"  # trainable (master) weights
+  m.frozen_param_dtype = "bfloat16"  # frozen ViT and LLaMA base weights
+
+  m.vit = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
+      ln_eps=1e-6, ln_vision_eps=1e-5, remat=True))
+
+  # One hidden size for both Q-Formers (the video Q-Former reads the image Q-Former's output).
+  hidden = config_dict.FieldReference(768)
+  m.qformer = ml_collections.ConfigDict(dict(
+      hidden=hidden, depth=12, heads=12, mlp_dim=3072, num_query_tokens=32,
+      cross_attention_freq=2, vocab_size=30523, max_position=512, ln_eps=1e-12,
+      dropout=0.1, attention_dropout=0.1, text_input=True, remat=False))
+  m.video = ml_collections.ConfigDict(dict(
+      max_frame_pos=64, window=32, stride=32,
+      # Official (bug B3): the video Q-Former attends to the image Q-Former's text positions too.
+      attend_qformer_text=True))
+  m.video_qformer = ml_collections.ConfigDict(dict(
+      hidden=hidden, depth=2, heads=12, mlp_dim=3072, num_query_tokens=32,
+      cross_attention_freq=1, ln_eps=1e-12, dropout=0.1, attention_dropout=0.1, remat=False))
+
+  m.llm = ml_collections.ConfigDict(dict(
+      vocab_size=32005,  # Llama-2's 32000 + <VID> </VID> <VIDEO> </VIDEO> <VIDEOTOKEN>
+      hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
+      rms_eps=1e-5, rope_theta=10000.0, rope_scaling_factor=1.0, max_position=4096,
+      attention_impl="xla",  # "xla" (portable) | "cudnn" | "tpu_splash" where available
+      remat=True))
+  m.lora = ml_collections.ConfigDict(dict(
+      rank=32, alpha=32.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+  # Parameter groups that are trained (ivcr_jax.models.trainable); the rest is frozen.
+  m.trainable = ("qformer", "query_tokens", "frame_position_embedding", "video_qformer",
+                 "video_query_tokens", "projection", "lora")
+  return m
+
+
+def _data() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.frames_retrieval = 64  # frames per retrieval candidate (official: 64 for every video, B5)
+  d.frames_moment = 64  # frames of a moment-retrieval video
+  d.sample_train = "rand"  # official random per-interval sampling with its fallback
+  d.sample_eval = "uniform"  # deterministic evaluation (the official eval is random, B6)
+  d.num_candidates = 10
+  return d
+
+
+def _train() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.num_steps = 250_000  # micro-steps: 5 epochs x 50,000 iterations
+  t.batch_size = 1  # per micro-step, global
+  t.grad_accum = 4
+  t.lr = 3e-5
+  t.min_lr = 1e-5
+  t.warmup_lr = 1e-6
+  t.warmup_steps = 50_000
+  t.weight_decay = 0.05  # on ndim >= 2 parameters without bias/norm in the name (official)
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  t.grad_clip = 0.0  # 0 disables clipping (official: none)
+  t.alpha = 0.01  # weight of L_V (video-index cross-entropy)
+  t.beta = 0.01  # weight of L_C (1 - IoU of the moment span)
+  return t
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or "official"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 21
+  c.model = _model()
+  c.data = _data()
+  c.train = _train()
+  c.mesh = ml_collections.ConfigDict(dict(
+      axes=("data", "fsdp", "tensor"),
+      shape=(1, -1, 1),  # -1: all remaining devices
+      rules=DEFAULT_RULES))
+
+  if preset == "paper":
+    c.data.frames_retrieval = 12
+    c.data.frames_moment = 96
+    c.model.video.max_frame_pos = 96
+    c.train.weight_decay = 1e-6
+  elif preset in ("small", "tiny", "demo"):
+    _shrink(c, preset)
+  return c.lock()
+
+
+def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
+  """CPU-sized models; `small` is SPEC §5's benchmark config."""
+  m = c.model
+  m.dtype = m.param_dtype = m.frozen_param_dtype = "float32"
+  m.vit.update(dict(width=256, depth=4, heads=4, mlp_dim=1117, remat=False))
+  m.qformer.update(dict(hidden=256, depth=4, heads=4, mlp_dim=1024))
+  m.video_qformer.update(dict(heads=4, mlp_dim=1024))
+  m.llm.update(dict(hidden=256, depth=4, heads=4, kv_heads=4, head_dim=64, mlp_dim=688,
+                    remat=False))
+  if preset == "small":
+    return
+  # tiny and demo: small enough for unit tests and a CPU training run in minutes.
+  m.vit.update(dict(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128))
+  m.qformer.update(dict(hidden=64, depth=2, heads=4, mlp_dim=128, num_query_tokens=8,
+                        max_position=64))
+  m.video.update(dict(max_frame_pos=16, window=8, stride=8))
+  m.video_qformer.update(dict(heads=4, mlp_dim=128, num_query_tokens=8))
+  m.llm.update(dict(hidden=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=128,
+                    max_position=2048))
+  m.lora.update(dict(rank=8, alpha=16.0))
+  c.data.frames_retrieval = c.data.frames_moment = 16
+  c.train.update(dict(num_steps=200, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
+                      warmup_steps=20, batch_size=4))

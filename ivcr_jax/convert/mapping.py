@@ -1,0 +1,223 @@
+"""Checkpoint key-mapping tables: one table per format drives both import and export.
+
+A table is a list of `Rule`s. Each rule ties one parameter of our model (a path in the NNX state,
+with an optional layer index into a layer-stacked parameter) to one or more tensors of the
+foreign checkpoint, through an invertible `Transform`. Import reads tensors one at a time from a
+`TensorSource` (memory-mapped where the format allows) and checks every shape; export runs the
+same rules backwards.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+Path = tuple[str | int, ...]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not fit the model: missing key, wrong shape, unreadable file."""
+
+
+class Transform:
+  """Invertible conversion between torch tensors and one JAX parameter.
+
+  `to_jax(tensors, shape)` gets the source tensors in rule order and the target shape;
+  `to_torch(array)` returns the tensors in rule order; `source_shapes(shape)` says which shapes
+  the source tensors must have (None: checked by `to_jax` itself).
+  """
+
+  def source_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...] | None]:
+    return [shape]
+
+  def to_jax(self, tensors: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return tensors[0].reshape(shape)
+
+  def to_torch(self, array: np.ndarray) -> list[np.ndarray]:
+    return [array]
+
+
+IDENTITY = Transform()
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten(Transform):
+  """torch keeps the parameter flat (e.g. a bias `[H*Dh]` stored by us as `[H, Dh]`)."""
+
+  def source_shapes(self, shape):
+    return [(math.prod(shape),)]
+
+  def to_torch(self, array):
+    return [array.reshape(-1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Transform):
+  """torch Linear weight `[out, in]` <-> kernel `[*in_dims, *out_dims]` (first `n_in` dims in)."""
+
+  n_in: int = 1
+
+  def source_shapes(self, shape):
+    return [(math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))]
+
+  def to_jax(self, tensors, shape):
+    return tensors[0].T.reshape(shape)
+
+  def to_torch(self, array):
+    return [array.reshape(math.prod(array.shape[:self.n_in]), -1).T]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2d(Transform):
+  """torch conv weight `[out, in, kh, kw]` <-> our patch kernel `[kh, kw, in, out]`."""
+
+  def source_shapes(self, shape):
+    kh, kw, cin, cout = shape
+    return [(cout, cin, kh, kw)]
+
+  def to_jax(self, tensors, shape):
+    return tensors[0].transpose(2, 3, 1, 0).reshape(shape)
+
+  def to_torch(self, array):
+    return [array.transpose(3, 2, 0, 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat(Transform):
+  """Several torch tensors stacked along a new leading axis; a None source is an implicit zero
+  tensor (e.g. the k slice of EVA's q/v-only bias) that is dropped again on export."""
+
+  present: tuple[bool, ...]
+
+  def source_shapes(self, shape):
+    return [(math.prod(shape[1:]),) for p in self.present if p]
+
+  def to_jax(self, tensors, shape):
+    it = iter(tensors)
+    parts = [next(it).reshape(shape[1:]) if p else np.zeros(shape[1:], tensors[0].dtype)
+             for p in self.present]
+    return np.stack(parts)
+
+  def to_torch(self, array):
+    return [array[i].reshape(-1) for i, p in enumerate(self.present) if p]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """`sources` (torch keys, in transform order) <-> the parameter at `target`.
+
+  `layer` is the index into the leading axis of a layer-stacked target (None: not stacked).
+  """
+
+  sources: tuple[str, ...]
+  target: Path
+  transform: Transform = IDENTITY
+  layer: int | None = None
+
+
+def rule(source: str | Sequence[str], target: str, transform: Transform = IDENTITY,
+         layer: int | None = None) -> Rule:
+  """Convenience constructor: `target` is '/'-separated; digit components become list indices."""
+  sources = (source,) if isinstance(source, str) else tuple(source)
+  path = tuple(int(p) if p.isdigit() else p for p in target.split("/"))
+  return Rule(sources, path, transform, layer)
+
+
+def import_params(rules: Sequence[Rule], source: TensorSource, shapes: Mapping[Path, tuple],
+                  dtypes: Mapping[Path, np.dtype], *, log: Callable[[str], None] | None = None,
+                  ) -> tuple[dict[Path, np.ndarray], list[str]]:
+  """Reads every rule's tensors from `source` and builds the target parameters.
+
+  Args:
+    rules: the format's table for the model's dimensions.
+    source: where tensors come from (read one at a time).
+    shapes, dtypes: the shape and dtype of every target parameter (full stacked shape).
+  Returns:
+    `(params, unused_keys)`: target path -> array, and the source keys no rule read.
+  Raises:
+    CheckpointError naming every missing key, or the first key with a wrong shape.
+  """
+  available = set(source.keys())
+  missing = sorted({k for r in rules for k in r.sources if k not in available})
+  if missing:
+    shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+    raise CheckpointError(f"{source.name}: missing keys: {shown}")
+  out: dict[Path, np.ndarray] = {}
+  for r in rules:
+    if r.target not in shapes:
+      raise CheckpointError(f"rule for {r.sources} targets unknown parameter {'/'.join(map(str, r.target))}")
+    full = tuple(shapes[r.target])
+    shape = full[1:] if r.layer is not None else full
+    tensors = [source.get(k) for k in r.sources]
+    for key, tensor, expected in zip(r.sources, tensors, r.transform.source_shapes(shape)):
+      if expected is not None and tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{source.name}: key {key!r} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected)} for {'/'.join(map(str, r.target))}")
+    value = r.transform.to_jax(tensors, shape).astype(dtypes[r.target])
+    if r.layer is None:
+      out[r.target] = value
+    else:
+      if r.target not in out:
+        out[r.target] = np.zeros(full, dtypes[r.target])
+      out[r.target][r.layer] = value
+  if log:
+    log(f"{source.name}: loaded {len(out)} parameters from {sum(len(r.sources) for r in rules)} "
+        f"tensors")
+  return out, sorted(available - {k for r in rules for k in r.sources})
+
+
+def export_params(rules: Sequence[Rule], params: Mapping[Path, np.ndarray]
+                  ) -> Iterable[tuple[str, np.ndarray]]:
+  """Yields `(torch_key, tensor)` for every rule, one tensor at a time (streaming writers)."""
+  for r in rules:
+    value = np.asarray(params[r.target])
+    if r.layer is not None:
+      value = value[r.layer]
+    yield from zip(r.sources, r.transform.to_torch(value), strict=True)
+
+
+class TensorSource(abc.ABC):
+  """Read-only access to named tensors, one at a time."""
+
+  name: str = "checkpoint"
+
+  @abc.abstractmethod
+  def keys(self) -> Iterable[str]:
+    """All tensor names."""
+
+  @abc.abstractmethod
+  def get(self, key: str) -> np.ndarray:
+    """One tensor as a numpy array (a memory-mapped view where the format allows)."""
+
+
+class DictSource(TensorSource):
+  """Tensors already in memory (numpy arrays or torch tensors, converted on access)."""
+
+  def __init__(self, tensors: Mapping[str, object], name: str = "state dict", prefix: str = ""):
+    self.tensors = tensors
+    self.name = name
+    self.prefix = prefix
+
+  def keys(self):
+    n = len(self.prefix)
+    return [k[n:] for k in self.tensors if k.startswith(self.prefix)]
+
+  def get(self, key):
+    return to_numpy(self.tensors[self.prefix + key])
+
+
+def to_numpy(tensor: object) -> np.ndarray:
+  """numpy view of a numpy array or a CPU torch tensor (bf16 widened to float32)."""
+  if isinstance(tensor, np.ndarray):
+    return tensor
+  if type(tensor).__module__.startswith("torch"):
+    import torch  # only reached when the caller already holds torch tensors
+
+    if tensor.dtype == torch.bfloat16:
+      tensor = tensor.float()
+    return tensor.detach().cpu().numpy()
+  return np.asarray(tensor)

@@ -1,0 +1,133 @@
+"""The video branch of InterLLaVA: frames -> per-video blocks of LLM input embeddings.
+
+frames -> EVA ViT + ln_vision -> image Q-Former (32 queries + timestamp text, full 32+L output)
+-> + frame position embedding -> sliding windows -> video Q-Former -> projection, giving
+`num_video_queries * ceil(T / stride)` embeddings per video (reference §1.0-1.5).
+
+Everything is batched over videos and windows with static shapes: videos are padded to the same
+frame count `T` and carry `num_frames`; windows are an array axis (gathered, not looped), and the
+frames or tokens a shorter video or a shorter last window does not have are masked out of the
+video Q-Former's cross-attention, which gives exactly the official per-window result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ivcr_jax.models import layers
+from ivcr_jax.models.eva_vit import EvaViT, clip_normalize
+from ivcr_jax.models.qformer import QFormer
+
+
+def num_windows(num_frames: int, stride: int) -> int:
+  """Windows start at 0, stride, 2*stride, ... below `num_frames` (the official loop)."""
+  return math.ceil(num_frames / stride)
+
+
+class VisionTower(nnx.Module):
+  """Turns video frames (or cached ViT features) into LLM-space embeddings per video."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    """Args:
+      cfg: the `model` section of the config (needs `vit`, `qformer`, `video`, `video_qformer`,
+        `llm.hidden`, `dtype`, `param_dtype`, `frozen_param_dtype`).
+    """
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    qcfg, vcfg = cfg.qformer, cfg.video_qformer
+    hidden = qcfg.hidden
+    if vcfg.hidden != hidden:
+      raise ValueError(f"video_qformer.hidden {vcfg.hidden} != qformer.hidden {hidden}")
+    self.vit = EvaViT(cfg.vit, dtype=dtype, param_dtype=jnp.dtype(cfg.frozen_param_dtype),
+                      rngs=rngs)
+    self.qformer = QFormer(qcfg, encoder_width=cfg.vit.width, text_input=qcfg.text_input,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query_tokens = layers.param(rngs, nnx.initializers.normal(0.02),
+                                     (1, qcfg.num_query_tokens, hidden), (None, None, "embed"),
+                                     param_dtype)
+    self.frame_position_embedding = layers.embed(cfg.video.max_frame_pos, hidden, (None, "embed"),
+                                                 param_dtype=param_dtype, rngs=rngs)
+    self.video_qformer = QFormer(vcfg, encoder_width=hidden, text_input=False, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+    self.video_query_tokens = layers.param(rngs, nnx.initializers.normal(0.02),
+                                           (1, vcfg.num_query_tokens, hidden),
+                                           (None, None, "embed"), param_dtype)
+    self.projection = layers.Dense(hidden, cfg.llm.hidden, axes=(None, "embed"), dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+
+  def tokens_per_video(self, num_frames: int) -> int:
+    """LLM embeddings produced for a video of `num_frames` frames."""
+    return self.cfg.video_qformer.num_query_tokens * num_windows(num_frames, self.cfg.video.stride)
+
+  def encode_frames(self, frames: jax.Array) -> jax.Array:
+    """`[V, T, H, W, 3]` frames (uint8, or CLIP-normalised floats) -> `[V, T, N, vit_width]`.
+
+    This is the frozen part; its output is what the feature store caches.
+    """
+    v, t = frames.shape[:2]
+    images = frames.reshape(v * t, *frames.shape[2:])
+    if images.dtype == jnp.uint8:
+      images = clip_normalize(images, jnp.dtype(self.cfg.dtype))
+    feats = self.vit(images)
+    return feats.reshape(v, t, *feats.shape[1:])
+
+  def __call__(self, features: jax.Array, num_frames: jax.Array, *,
+               text_ids: jax.Array | None = None, text_mask: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Video embeddings for the LLM from ViT features.
+
+    Args:
+      features: `[V, T, N, vit_width]` from `encode_frames` (or the feature store); frames at
+        index >= `num_frames[v]` are padding.
+      num_frames: `[V]` int, the real frame count of each video (1..T).
+      text_ids, text_mask: `[V, T, L]` Q-Former timestamp text per frame (None: no text).
+      dropout_key: PRNG key in training, None in evaluation.
+    Returns:
+      `(tokens [V, n_w * Qv, llm_hidden], valid [V, n_w * Qv])` with `n_w = ceil(T / stride)`;
+      windows a video does not have are marked invalid.
+    """
+    cfg = self.cfg
+    v, t = features.shape[:2]
+    if t > cfg.video.max_frame_pos:
+      raise ValueError(f"{t} frames per video but only {cfg.video.max_frame_pos} frame positions")
+    frame_feats = features.reshape(v * t, *features.shape[2:])
+    queries = jnp.broadcast_to(self.query_tokens[...], (v * t, *self.query_tokens.shape[1:]))
+    flat = lambda a: None if a is None else a.reshape(v * t, -1)  # noqa: E731
+    hidden = self.qformer(queries, frame_feats, text_ids=flat(text_ids), text_mask=flat(text_mask),
+                          dropout_key=layers.sub_key(dropout_key, 0))
+    num_q = self.query_tokens.shape[1]
+    hidden = hidden.reshape(v, t, *hidden.shape[1:])  # [V, T, Q+L, D]
+    hidden = hidden + self.frame_position_embedding(jnp.arange(t))[None, :, None, :].astype(
+        hidden.dtype)
+
+    # Which of the Q+L positions the video Q-Former sees: the official model pads the timestamp
+    # text of one video to that video's longest string and attends to all of it (pads included),
+    # so with a longer static L only positions beyond the video's own longest text are masked.
+    positions = jnp.arange(hidden.shape[2])
+    if text_mask is None or not cfg.video.attend_qformer_text:
+      token_valid = jnp.broadcast_to(positions < num_q, (v, hidden.shape[2]))
+    else:
+      frame_valid = jnp.arange(t)[None, :] < num_frames[:, None]
+      text_len = jnp.max(jnp.where(frame_valid, text_mask.sum(-1), 0), axis=1)  # [V]
+      token_valid = positions[None, :] < (num_q + text_len)[:, None]
+
+    window, stride = cfg.video.window, cfg.video.stride
+    n_w = num_windows(t, stride)
+    frame_idx = jnp.arange(n_w)[:, None] * stride + jnp.arange(window)[None, :]  # [n_w, W]
+    clip_feats = hidden[:, jnp.minimum(frame_idx, t - 1)]  # [V, n_w, W, Q+L, D]
+    in_window = frame_idx[None] < num_frames[:, None, None]  # [V, n_w, W]
+    key_mask = in_window[..., None] & token_valid[:, None, None, :]  # [V, n_w, W, Q+L]
+    num_vq = self.video_query_tokens.shape[1]
+    keys = clip_feats.reshape(v * n_w, -1, clip_feats.shape[-1])
+    video_queries = jnp.broadcast_to(self.video_query_tokens[...], (v * n_w, num_vq, keys.shape[-1]))
+    out = self.video_qformer(video_queries, keys, encoder_mask=key_mask.reshape(v * n_w, -1),
+                             dropout_key=layers.sub_key(dropout_key, 1))
+    tokens = self.projection(out).reshape(v, n_w * num_vq, -1)
+    window_valid = jnp.arange(n_w)[None, :] * stride < num_frames[:, None]  # [V, n_w]
+    return tokens, jnp.repeat(window_valid, num_vq, axis=1)

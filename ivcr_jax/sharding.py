@@ -1,0 +1,91 @@
+"""Sharding as data: meshes from the config and logical-axis rules mapped onto them.
+
+Every parameter carries logical axis names (`out_sharding` metadata, see
+`ivcr_jax.models.layers`). `config.mesh.rules` maps each name to a mesh axis; this module turns a
+model state into a tree of `NamedSharding`s. Meshes use Auto axis types (classic GSPMD-style
+propagation inside `jax.jit`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh of `mesh_cfg.shape` (one -1 takes the remaining devices) over `mesh_cfg.axes`."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(mesh_cfg.shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)} has more than one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not fill mesh shape {tuple(shape)}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"{len(devices)} available")
+  grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, tuple(mesh_cfg.axes), axis_types=(AxisType.Auto,) * len(shape))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> PartitionSpec:
+  """PartitionSpec for one array: each logical name goes to its rule's mesh axes, unless those
+  axes are already used by an earlier dimension or do not divide the dimension (replicated)."""
+  table = {name: target for name, target in rules}
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape, strict=True):
+    target = table.get(name) if name is not None else None
+    if target is None:
+      spec.append(None)
+      continue
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
+    if not mesh_axes or dim % size:
+      spec.append(None)
+      continue
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return PartitionSpec(*spec)
+
+
+def logical_axes(state: nnx.State) -> nnx.State:
+  """The logical axis names of every variable in `state` (None-filled when unannotated)."""
+
+  def axes_of(var):
+    names = var.get_metadata().get("out_sharding")
+    return tuple(names) if names else (None,) * var[...].ndim
+
+  return jax.tree.map(axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """A `NamedSharding` per variable of `state` (an `nnx.State` of Variables or abstract values)."""
+
+  def sharding_of(var):
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+
+  return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def data_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """Sharding of a batch array: leading dim over the `batch` rule's mesh axes."""
+  target = dict(rules).get("batch")
+  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  axes = tuple(a for a in axes if mesh.shape[a] > 1)
+  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
