@@ -111,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = _model()
   c.data = _data()
   c.train = _train()
+  c.generation = ml_collections.ConfigDict(dict(
+      max_new_tokens=1024, do_sample=False, temperature=0.6, top_p=0.9, seed=42))
   c.mesh = ml_collections.ConfigDict(dict(
       axes=("data", "fsdp", "tensor"),
       shape=(1, -1, 1),  # -1: all remaining devices

@@ -7,12 +7,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from absl import flags  # noqa: E402
+import pytest
+from absl import flags
 
 flags.FLAGS.is_parsed() or flags.FLAGS.mark_as_parsed()
-jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

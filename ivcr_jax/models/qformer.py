@@ -79,7 +79,7 @@ class QFormerLayer(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None, encoder: jax.Array,
                encoder_mask: jax.Array | None, num_queries: int,
                dropout_key: jax.Array | None) -> jax.Array:
-    key = lambda i: layers.sub_key(dropout_key, i)  # noqa: E731
+    key = lambda i: layers.sub_key(dropout_key, i)
     attn_drop = self.cfg.attention_dropout
     x = self._residual(self.attention_norm,
                        self.attention(x, x, mask, attention_dropout=attn_drop, dropout_key=key(0)),

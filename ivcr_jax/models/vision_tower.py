@@ -98,7 +98,7 @@ class VisionTower(nnx.Module):
       raise ValueError(f"{t} frames per video but only {cfg.video.max_frame_pos} frame positions")
     frame_feats = features.reshape(v * t, *features.shape[2:])
     queries = jnp.broadcast_to(self.query_tokens[...], (v * t, *self.query_tokens.shape[1:]))
-    flat = lambda a: None if a is None else a.reshape(v * t, -1)  # noqa: E731
+    flat = lambda a: None if a is None else a.reshape(v * t, -1)
     hidden = self.qformer(queries, frame_feats, text_ids=flat(text_ids), text_mask=flat(text_mask),
                           dropout_key=layers.sub_key(dropout_key, 0))
     num_q = self.query_tokens.shape[1]
