@@ -13,7 +13,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ivcr_jax.convert.sources import TensorSource
 
@@ -122,9 +124,10 @@ class Rule:
 
 def rule(source: str | Sequence[str], target: str, transform: Transform = IDENTITY,
          layer: int | None = None) -> Rule:
-  """Convenience constructor: `target` is '/'-separated; digit components become list indices."""
+  """Convenience constructor: `target` is '/'-separated (empty components are dropped, so a
+  table can be rooted at a submodule with target prefix ""); digit components are list indices."""
   sources = (source,) if isinstance(source, str) else tuple(source)
-  path = tuple(int(p) if p.isdigit() else p for p in target.split("/"))
+  path = tuple(int(p) if p.isdigit() else p for p in target.split("/") if p)
   return Rule(sources, path, transform, layer)
 
 
@@ -179,3 +182,22 @@ def export_params(rules: Sequence[Rule], params: Mapping[Path, np.ndarray]
     if r.layer is not None:
       value = value[r.layer]
     yield from zip(r.sources, r.transform.to_torch(value), strict=True)
+
+
+def module_params(module: nnx.Module) -> dict[Path, np.ndarray]:
+  """Every parameter of an NNX module as `path -> numpy array` (the input of `export_params`)."""
+  return {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def load_into(module: nnx.Module, rules: Sequence[Rule], source: TensorSource, *,
+              log: Callable[[str], None] | None = None) -> list[str]:
+  """Imports `source` into `module` in place (every rule's parameter); returns unused keys."""
+  state = nnx.state(module, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  params, unused = import_params(
+      rules, source, {p: tuple(v.shape) for p, v in flat.items()},
+      {p: np.dtype(v[...].dtype) for p, v in flat.items()}, log=log)
+  for path, value in params.items():
+    flat[path].set_value(jnp.asarray(value))
+  nnx.update(module, state)
+  return unused

@@ -92,7 +92,7 @@ class EvaViT(nnx.Module):
     if x.shape[1] != self.pos_embed.shape[1]:
       raise ValueError(
           f"{x.shape[1]} tokens but the position embedding has {self.pos_embed.shape[1]}; resize it "
-          "with ivcr_jax.convert.resize_pos_embed for other image sizes")
+          "with ivcr_jax.models.eva_vit.resize_pos_embed for other image sizes")
     x = x + self.pos_embed[...].astype(x.dtype)
     x = layers.scan_layers(self.blocks, x, lambda blk, h, _: blk(h), num_layers=self.cfg.depth,
                            dropout_key=None, remat=self.cfg.remat)

@@ -154,7 +154,9 @@ class QFormer(nnx.Module):
     x = layers.dropout(self.embeddings.layernorm(x), self.cfg.dropout,
                        layers.sub_key(dropout_key, 0)).astype(self.dtype)
     encoder = encoder.astype(self.dtype)
+    call = (nnx.remat(QFormerLayer.__call__, static_argnums=(5,)) if self.cfg.remat
+            else QFormerLayer.__call__)
     for i, layer in enumerate(self.layers):
-      call = nnx.remat(layer.__call__, static_argnums=(4,)) if self.cfg.remat else layer.__call__
-      x = call(x, mask, encoder, encoder_mask, num_queries, layers.sub_key(dropout_key, i + 1))
+      x = call(layer, x, mask, encoder, encoder_mask, num_queries,
+               layers.sub_key(dropout_key, i + 1))
     return x

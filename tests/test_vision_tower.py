@@ -1,0 +1,159 @@
+"""The batched video branch, its sharding, dropout/remat switches and the trainable groups."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ivcr_jax import sharding
+from ivcr_jax.models import trainable
+from ivcr_jax.models.vision_tower import VisionTower, num_windows
+
+
+def _tower(cfg, seed=0):
+  return VisionTower(cfg.model, rngs=nnx.Rngs(seed))
+
+
+def _inputs(cfg, num_frames, text_lens, t_max, l_max, seed=0):
+  """Random ViT features and right-padded timestamp text for videos of different lengths."""
+  rng = np.random.default_rng(seed)
+  v = len(num_frames)
+  n_tokens = 1 + (cfg.model.vit.image_size // cfg.model.vit.patch_size) ** 2
+  feats = rng.normal(size=(v, t_max, n_tokens, cfg.model.vit.width)).astype(np.float32)
+  ids = np.full((v, t_max, l_max), 2, np.int32)
+  mask = np.zeros((v, t_max, l_max), bool)
+  for i, (t, lens) in enumerate(zip(num_frames, text_lens, strict=True)):
+    for f in range(t):
+      n = lens[f]
+      ids[i, f, :n] = rng.integers(3, 100, n)
+      mask[i, f, :n] = True
+  return feats, ids, mask
+
+
+def _official_loop(tower, feats, ids, mask, t, cfg):
+  """The official algorithm for one unpadded video: Q-Former over its frames with text padded to
+  its own longest string, + frame positions, then one video Q-Former call per window."""
+  num_q = cfg.model.qformer.num_query_tokens
+  length = int(mask[:t].sum(-1).max())
+  queries = jnp.broadcast_to(tower.query_tokens[...], (t, num_q, tower.query_tokens.shape[-1]))
+  hidden = tower.qformer(queries, jnp.asarray(feats[:t]), text_ids=jnp.asarray(ids[:t, :length]),
+                         text_mask=jnp.asarray(mask[:t, :length]))
+  hidden = hidden + tower.frame_position_embedding(jnp.arange(t))[:, None, :]
+  outputs = []
+  for start in range(0, t, cfg.model.video.stride):
+    clip = hidden[start:start + cfg.model.video.window]
+    keys = clip.reshape(1, -1, clip.shape[-1])
+    vq = tower.video_query_tokens[...]
+    outputs.append(tower.projection(tower.video_qformer(vq, keys))[0])
+  return jnp.concatenate(outputs, axis=0)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 8), (8, 5)])
+def test_batched_windows_equal_official_loop(tiny_config, window, stride):
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.video.window, cfg.model.video.stride = window, stride
+  tower = _tower(cfg)
+  num_frames = [13, 6]  # 13 is not a multiple of the window; the 2nd video is shorter
+  text_lens = [[5 + f % 3 for f in range(13)], [4] * 6]
+  t_max, l_max = 16, 9  # static padding beyond every video's own length
+  feats, ids, mask = _inputs(cfg, num_frames, text_lens, t_max, l_max)
+  tokens, valid = jax.jit(lambda f, n, i, m: tower(f, n, text_ids=i, text_mask=m))(
+      feats, jnp.asarray(num_frames), ids, mask)
+  num_vq = cfg.model.video_qformer.num_query_tokens
+  assert tokens.shape == (2, num_windows(t_max, stride) * num_vq, cfg.model.llm.hidden)
+  for v, t in enumerate(num_frames):
+    want = _official_loop(tower, feats[v], ids[v], mask[v], t, cfg)
+    assert int(valid[v].sum()) == want.shape[0] == tower.tokens_per_video(t)
+    got = tokens[v][np.asarray(valid[v])]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+
+
+def test_frames_to_tokens_end_to_end(tiny_config):
+  tower = _tower(tiny_config)
+  size = tiny_config.model.vit.image_size
+  frames = jax.random.randint(jax.random.key(0), (2, 9, size, size, 3), 0, 256).astype(jnp.uint8)
+  feats = tower.encode_frames(frames)
+  assert feats.shape[:2] == (2, 9)
+  tokens, valid = tower(feats, jnp.array([9, 4]))
+  assert tokens.shape == (2, 16, tiny_config.model.llm.hidden)
+  assert valid.sum(1).tolist() == [16, 8]
+  assert bool(jnp.isfinite(tokens).all())
+
+
+def test_dropout_only_in_training_and_remat_keeps_gradients(tiny_config):
+  cfg = tiny_config.copy_and_resolve_references()
+  feats, ids, mask = _inputs(cfg, [10], [[6] * 10], 10, 6)
+  n = jnp.array([10])
+
+  def make_loss(graphdef):
+    def loss(state, key):
+      tokens, _ = nnx.merge(graphdef, state)(feats, n, text_ids=ids, text_mask=mask,
+                                             dropout_key=key)
+      return jnp.sum(tokens**2)
+    return loss
+
+  graphdef, state = nnx.split(_tower(cfg))
+  loss = jax.jit(make_loss(graphdef))
+  eval_a, eval_b = loss(state, None), loss(state, None)
+  train_a, train_b = loss(state, jax.random.key(1)), loss(state, jax.random.key(1))
+  assert eval_a == eval_b and train_a == train_b and train_a != eval_a
+  assert loss(state, jax.random.key(2)) != train_a
+  grads = jax.jit(jax.grad(make_loss(graphdef)))(state, jax.random.key(1))
+  with cfg.unlocked():
+    cfg.model.qformer.remat = cfg.model.video_qformer.remat = cfg.model.vit.remat = True
+  remat_graphdef, _ = nnx.split(_tower(cfg))
+  remat_grads = jax.jit(jax.grad(make_loss(remat_graphdef)))(state, jax.random.key(1))
+  for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(remat_grads),
+                               strict=True):
+    np.testing.assert_allclose(np.asarray(r[...]), np.asarray(g[...]), atol=1e-5,
+                               err_msg=str(path))
+
+
+def test_sharded_tower_equals_unsharded(tiny_config):
+  """The (fsdp=2, tensor=4) mesh with the config's rules gives the single-device result."""
+  assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 2, 4)
+  tower = _tower(cfg)
+  size = cfg.model.vit.image_size
+  frames = np.asarray(jax.random.randint(jax.random.key(3), (2, 12, size, size, 3), 0, 256),
+                      np.uint8)
+  _, ids, mask = _inputs(cfg, [12, 7], [[5] * 12, [3] * 7], 12, 5)
+  num_frames = np.array([12, 7])
+  graphdef, state = nnx.split(tower)
+
+  def forward(state, frames, num_frames, ids, mask):
+    model = nnx.merge(graphdef, state)
+    return model(model.encode_frames(frames), num_frames, text_ids=ids, text_mask=mask)
+
+  want = jax.jit(forward)(state, frames, num_frames, ids, mask)
+  mesh = sharding.make_mesh(cfg.mesh)
+  state_sh = sharding.state_shardings(state, mesh, cfg.mesh.rules)
+  specs = [s.spec for s in jax.tree.leaves(state_sh)]
+  assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
+  batch = sharding.data_sharding(mesh, cfg.mesh.rules)
+  with jax.set_mesh(mesh):
+    sharded_state = jax.device_put(state, state_sh)
+    got = jax.jit(forward, in_shardings=(state_sh, batch, batch, batch, batch))(
+        sharded_state, frames, num_frames, ids, mask)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=0)
+
+
+def test_trainable_groups_follow_the_official_split(tiny_config):
+  tower = _tower(tiny_config)
+  graphdef, train, frozen = trainable.split_trainable(tower, tiny_config.model.trainable)
+  train_roots = {p[0] for p, _ in nnx.to_flat_state(train)}
+  frozen_roots = {p[0] for p, _ in nnx.to_flat_state(frozen)}
+  assert train_roots == {"qformer", "query_tokens", "frame_position_embedding", "video_qformer",
+                         "video_query_tokens", "projection"}
+  assert frozen_roots == {"vit"}  # the ViT and its ln_vision
+  assert any("ln_vision" in p for p, _ in nnx.to_flat_state(frozen))
+  with pytest.raises(ValueError, match="unknown trainable groups"):
+    trainable.trainable_filter(["vision"])
+  lora_only = trainable.trainable_filter(["lora"])
+  assert lora_only(("llm", "layers", "q_proj", "lora_a"), nnx.Param(jnp.zeros(1)))
+  assert not lora_only(("llm", "layers", "q_proj", "kernel"), nnx.Param(jnp.zeros(1)))
