@@ -42,7 +42,8 @@ def _model() -> ml_collections.ConfigDict:
 
   m.vit = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
-      ln_eps=1e-6, ln_vision_eps=1e-5, remat=True))
+      ln_eps=1e-6, ln_vision_eps=1e-5, remat=True,
+      scan_layers=True))  # lax.scan over blocks (False: unrolled)
 
   # One hidden size for both Q-Formers (the video Q-Former reads the image Q-Former's output).
   hidden = config_dict.FieldReference(768)
@@ -63,7 +64,7 @@ def _model() -> ml_collections.ConfigDict:
       hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
       rms_eps=1e-5, rope_theta=10000.0, rope_scaling_factor=1.0, max_position=4096,
       attention_impl="xla",  # "xla" (portable) | "cudnn" | "tpu_splash" where available
-      remat=True))
+      remat=True, scan_layers=True))
   m.lora = ml_collections.ConfigDict(dict(
       rank=32, alpha=32.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
   # Parameter groups that are trained (ivcr_jax.models.trainable); the rest is frozen.

@@ -153,11 +153,13 @@ def import_params(rules: Sequence[Rule], source: TensorSource, shapes: Mapping[P
   out: dict[Path, np.ndarray] = {}
   for r in rules:
     if r.target not in shapes:
-      raise CheckpointError(f"rule for {r.sources} targets unknown parameter {'/'.join(map(str, r.target))}")
+      raise CheckpointError(
+          f"rule for {r.sources} targets unknown parameter {'/'.join(map(str, r.target))}")
     full = tuple(shapes[r.target])
     shape = full[1:] if r.layer is not None else full
     tensors = [source.get(k) for k in r.sources]
-    for key, tensor, expected in zip(r.sources, tensors, r.transform.source_shapes(shape)):
+    for key, tensor, expected in zip(r.sources, tensors, r.transform.source_shapes(shape),
+                                     strict=True):
       if expected is not None and tuple(tensor.shape) != tuple(expected):
         raise CheckpointError(f"{source.name}: key {key!r} has shape {tuple(tensor.shape)}, "
                               f"expected {tuple(expected)} for {'/'.join(map(str, r.target))}")
@@ -186,7 +188,8 @@ def export_params(rules: Sequence[Rule], params: Mapping[Path, np.ndarray]
 
 def module_params(module: nnx.Module) -> dict[Path, np.ndarray]:
   """Every parameter of an NNX module as `path -> numpy array` (the input of `export_params`)."""
-  return {path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  return {path: np.asarray(var[...]) for path, var in flat}
 
 
 def load_into(module: nnx.Module, rules: Sequence[Rule], source: TensorSource, *,

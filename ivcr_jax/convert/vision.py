@@ -117,7 +117,8 @@ def vit_rules(vit: ml_collections.ConfigDict, fmt: str, prefix: str = "",
     if fmt == "hf":  # one [3D] bias whose k slice is zero
       layer.append((f"{b}self_attn.qkv.bias", "qkv_bias", Flatten()))
     else:  # separate q and v biases; the k bias does not exist
-      layer.append(((f"{b}attn.q_bias", f"{b}attn.v_bias"), "qkv_bias", Concat((True, False, True))))
+      layer.append(((f"{b}attn.q_bias", f"{b}attn.v_bias"), "qkv_bias",
+                    Concat((True, False, True))))
     rules += [rule(src, f"{t}/blocks/{dst}", tf, layer=i) for src, dst, tf in layer]
   return rules
 
@@ -139,7 +140,8 @@ def qformer_rules(q: ml_collections.ConfigDict, fmt: str, prefix: str, target: s
   if text_input:
     rules += [
         rule(f"{p}embeddings.word_embeddings.weight", f"{target}/embeddings/word/embedding"),
-        rule(f"{p}embeddings.position_embeddings.weight", f"{target}/embeddings/position/embedding"),
+        rule(f"{p}embeddings.position_embeddings.weight",
+             f"{target}/embeddings/position/embedding"),
     ]
 
   def attention(src: str, dst: str) -> list[Rule]:

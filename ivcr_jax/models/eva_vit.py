@@ -76,7 +76,7 @@ class EvaViT(nnx.Module):
                                        param_dtype=param_dtype, rngs=rngs)
 
   def patchify(self, images: jax.Array) -> jax.Array:
-    """`[N, H, W, C]` -> `[N, (H/p)*(W/p), p, p, C]`, the non-overlapping stride-p convolution input."""
+    """`[N, H, W, C]` -> `[N, (H/p)*(W/p), p, p, C]`: the stride-p convolution as one matmul."""
     n, h, w, c = images.shape
     p = self.cfg.patch_size
     if h % p or w % p:
@@ -91,11 +91,13 @@ class EvaViT(nnx.Module):
     x = jnp.concatenate([cls, x], axis=1)
     if x.shape[1] != self.pos_embed.shape[1]:
       raise ValueError(
-          f"{x.shape[1]} tokens but the position embedding has {self.pos_embed.shape[1]}; resize it "
+          f"{x.shape[1]} tokens but the position embedding has {self.pos_embed.shape[1]}; "
+          "resize it "
           "with ivcr_jax.models.eva_vit.resize_pos_embed for other image sizes")
     x = x + self.pos_embed[...].astype(x.dtype)
     x = layers.scan_layers(self.blocks, x, lambda blk, h, _: blk(h), num_layers=self.cfg.depth,
-                           dropout_key=None, remat=self.cfg.remat)
+                           dropout_key=None, remat=self.cfg.remat,
+                           unroll=not self.cfg.scan_layers)
     return self.ln_vision(x.astype(jnp.float32))
 
 

@@ -117,11 +117,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array |
 
 
 def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: int,
-                dropout_key: jax.Array | None, remat: bool) -> jax.Array:
+                dropout_key: jax.Array | None, remat: bool, unroll: bool = False) -> jax.Array:
   """Runs `fn(block, x, key) -> x` over layer-stacked `blocks` with `lax.scan`.
 
-  One compiled block regardless of depth (fast compiles for 39/32-layer stacks); `remat`
-  rematerialises each block's activations in the backward pass.
+  Scanned, one compiled block serves any depth (fast compiles for 39/32-layer stacks);
+  `unroll=True` inlines every layer instead (slower compiles, whole-program scheduling, and XLA
+  cost analysis that counts every layer). `remat` rematerialises each block's activations in the
+  backward pass.
   """
   graphdef, state = nnx.split(blocks)
   keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
@@ -132,7 +134,7 @@ def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: i
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, (state, keys))
+  x, _ = jax.lax.scan(body, x, (state, keys), unroll=num_layers if unroll else 1)
   return x
 
 

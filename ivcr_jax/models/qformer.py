@@ -26,11 +26,12 @@ class MultiHeadAttention(nnx.Module):
                rngs: nnx.Rngs):
     head_dim = hidden // heads
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.query = layers.Dense(hidden, (heads, head_dim), axes=("embed", "heads", "head_dim"), **dense)
-    self.key = layers.Dense(kv_width, (heads, head_dim), axes=("embed", "heads", "head_dim"), **dense)
-    self.value = layers.Dense(kv_width, (heads, head_dim), axes=("embed", "heads", "head_dim"),
-                              **dense)
-    self.output = layers.Dense((heads, head_dim), hidden, axes=("heads", "head_dim", "embed"), **dense)
+    in_axes = ("embed", "heads", "head_dim")
+    self.query = layers.Dense(hidden, (heads, head_dim), axes=in_axes, **dense)
+    self.key = layers.Dense(kv_width, (heads, head_dim), axes=in_axes, **dense)
+    self.value = layers.Dense(kv_width, (heads, head_dim), axes=in_axes, **dense)
+    self.output = layers.Dense((heads, head_dim), hidden, axes=("heads", "head_dim", "embed"),
+                               **dense)
 
   def __call__(self, x: jax.Array, kv: jax.Array, key_mask: jax.Array | None, *,
                attention_dropout: float, dropout_key: jax.Array | None) -> jax.Array:

@@ -125,7 +125,8 @@ class VisionTower(nnx.Module):
     key_mask = in_window[..., None] & token_valid[:, None, None, :]  # [V, n_w, W, Q+L]
     num_vq = self.video_query_tokens.shape[1]
     keys = clip_feats.reshape(v * n_w, -1, clip_feats.shape[-1])
-    video_queries = jnp.broadcast_to(self.video_query_tokens[...], (v * n_w, num_vq, keys.shape[-1]))
+    video_queries = jnp.broadcast_to(self.video_query_tokens[...],
+                                     (v * n_w, num_vq, keys.shape[-1]))
     out = self.video_qformer(video_queries, keys, encoder_mask=key_mask.reshape(v * n_w, -1),
                              dropout_key=layers.sub_key(dropout_key, 1))
     tokens = self.projection(out).reshape(v, n_w * num_vq, -1)
