@@ -80,7 +80,7 @@ class EventFileWriter:
     os.makedirs(logdir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
     self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the run, closed in close())
+    self._file = open(self.path, "ab")
     self._write(_event(0, time.time(), file_version="brain.Event:2"))
 
   def _write(self, payload: bytes) -> None:

@@ -52,7 +52,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   """
   accum = max(int(train.grad_accum), 1)
   micro = learning_rate(train)
-  per_update = lambda count: micro((count + 1) * accum - 1)  # noqa: E731
+  per_update = lambda count: micro((count + 1) * accum - 1)
   chain = []
   if train.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(train.grad_clip))

@@ -1,0 +1,110 @@
+"""The InterLLaVA loss L = L_M + alpha * L_V + beta * L_C, with differentiable L_V and L_C.
+
+The official L_V and L_C are computed from argmax-decoded text and carry no gradient (reference
+§3.4). Here both are read from the LM's own digit-token distributions under teacher forcing, at
+the positions where the ground-truth answer writes the video index and the span's numbers:
+
+- L_V: the exact cross-entropy of the ground-truth index over the 10 legal indices "1".."10".
+  With the vocabulary restricted to what can legally follow (a first digit 1-9; after "1" either
+  "0" or a terminator, i.e. any non-digit token; after any other digit only a terminator), the
+  probabilities of the 10 index strings sum to one and
+    P(n) = q1(n) for n = 2..9,  P(1) = q1(1) * q2(end | 1),  P(10) = q1(1) * q2(0 | 1),
+  where both factors for 1 and 10 are available under teacher forcing because their first digit
+  is the ground truth's.
+- L_C: the predicted span's numbers are expected values of their digits (softmax restricted to
+  the digit tokens) times the digits' place values; L_C = 1 - IoU of that soft span and the
+  ground truth. `giou`/`diou` keep a gradient when the spans are disjoint.
+
+Positions follow the labels: the token at sequence position p is predicted by `logits[:, p - 1]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Causal-LM cross-entropy summed over supervised tokens, and their count.
+
+  `labels [B, S]` are aligned with the inputs (HF convention): position t is predicted from
+  position t - 1; `IGNORE` marks unsupervised positions.
+  """
+  targets = labels[:, 1:]
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  valid = targets != IGNORE
+  picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
+
+
+def _predicting(logits: jax.Array, positions: jax.Array) -> jax.Array:
+  """log-probabilities `[B, K, ..., V]` of the tokens at `positions [B, K, ...]` (clamped)."""
+  b = logits.shape[0]
+  flat = jnp.maximum(positions - 1, 0).reshape(b, -1)
+  rows = jnp.take_along_axis(logits, flat[..., None], axis=1).astype(jnp.float32)
+  return jax.nn.log_softmax(rows, axis=-1).reshape(*positions.shape, logits.shape[-1])
+
+
+def index_log_prob(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Array,
+                   digit_ids: jax.Array) -> jax.Array:
+  """log P(target index) over the 10 legal indices, `[B, K]`.
+
+  Args:
+    logits: `[B, S, V]`.
+    first_digit_pos: `[B, K]` position of the first digit of each retrieval answer's index.
+    target: `[B, K]` ground-truth index in 1..10.
+    digit_ids: `[10]` token ids of "0".."9".
+  """
+  logp_first = _predicting(logits, first_digit_pos)[..., digit_ids[1:]]  # digits 1..9
+  q1 = jax.nn.log_softmax(logp_first, axis=-1)  # restricted to the legal first digits
+  logp_second = _predicting(logits, first_digit_pos + 1)  # the token after the first digit
+  p_digits = jnp.exp(jax.nn.logsumexp(logp_second[..., digit_ids], axis=-1))
+  log_zero = logp_second[..., digit_ids[0]]
+  log_end = jnp.log(jnp.clip(1.0 - p_digits, 1e-30))  # any non-digit token terminates
+  norm = jnp.logaddexp(log_zero, log_end)
+  first = jnp.where(target == 10, 1, target)
+  log_q1 = jnp.take_along_axis(q1, (first - 1)[..., None], axis=-1)[..., 0]
+  second = jnp.where(target == 10, log_zero - norm, jnp.where(target == 1, log_end - norm, 0.0))
+  return log_q1 + second
+
+
+def index_loss(logits, first_digit_pos, target, digit_ids, valid) -> tuple[jax.Array, jax.Array]:
+  """L_V summed over valid retrieval answers `[B, K]`, and their count."""
+  nll = -index_log_prob(logits, first_digit_pos, target, digit_ids)
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def soft_numbers(logits: jax.Array, digit_pos: jax.Array, place: jax.Array,
+                 digit_ids: jax.Array) -> jax.Array:
+  """Expected numbers `[B, K, 2]` from digit positions and place values `[B, K, 2, D]`
+  (place value 0 marks padding)."""
+  probs = jax.nn.softmax(_predicting(logits, digit_pos)[..., digit_ids], axis=-1)
+  expected = probs @ jnp.arange(10, dtype=jnp.float32)
+  return jnp.sum(jnp.where(place != 0, expected * place, 0.0), axis=-1)
+
+
+def span_loss(pred: jax.Array, target: jax.Array, kind: str = "iou") -> jax.Array:
+  """`1 - IoU` (or GIoU / DIoU) of 1-D spans `[..., 2]` (start, end); reversed spans are ordered."""
+  start, end = jnp.minimum(pred[..., 0], pred[..., 1]), jnp.maximum(pred[..., 0], pred[..., 1])
+  gs, ge = target[..., 0], target[..., 1]
+  inter = jnp.maximum(jnp.minimum(end, ge) - jnp.maximum(start, gs), 0.0)
+  union = (end - start) + (ge - gs) - inter
+  hull = jnp.maximum(end, ge) - jnp.minimum(start, gs)
+  iou = inter / jnp.maximum(union, 1e-6)
+  if kind == "iou":
+    return 1.0 - iou
+  if kind == "giou":
+    return 1.0 - (iou - (hull - union) / jnp.maximum(hull, 1e-6))
+  if kind == "diou":
+    centre = ((start + end) - (gs + ge)) / 2.0
+    return 1.0 - (iou - centre**2 / jnp.maximum(hull, 1e-6) ** 2)
+  raise ValueError(f"unknown span loss {kind!r}; choose iou, giou or diou")
+
+
+def moment_loss(logits, digit_pos, place, target, digit_ids, valid, kind: str = "iou"
+                ) -> tuple[jax.Array, jax.Array]:
+  """L_C summed over valid moment answers `[B, K]`, and their count."""
+  losses = span_loss(soft_numbers(logits, digit_pos, place, digit_ids), target, kind)
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)

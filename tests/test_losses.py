@@ -1,0 +1,101 @@
+"""The differentiable L_V / L_C terms and the LM loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ivcr_jax.training import losses
+
+VOCAB = 40
+DIGITS = jnp.arange(20, 30)  # token ids of "0".."9" in this synthetic vocabulary
+
+
+def test_lm_loss_matches_torch_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 7, VOCAB)).astype(np.float32)
+  labels = rng.integers(0, VOCAB, (2, 7))
+  labels[:, :3] = losses.IGNORE
+  labels[1, 5] = losses.IGNORE
+  total, count = losses.lm_loss(jnp.asarray(logits), jnp.asarray(labels))
+  want = torch.nn.functional.cross_entropy(torch.tensor(logits[:, :-1]).reshape(-1, VOCAB),
+                                           torch.tensor(labels[:, 1:]).reshape(-1))
+  assert int(count) == 7
+  np.testing.assert_allclose(float(total / count), float(want), rtol=1e-6)
+
+
+def test_index_distribution_is_the_restricted_chain_and_sums_to_one():
+  logits = jax.random.normal(jax.random.key(0), (1, 6, VOCAB)) * 2
+  pos = jnp.array([[3]])  # first index digit at position 3: predicted by logits[2]
+  logp = jnp.stack([losses.index_log_prob(logits, pos, jnp.array([[n]]), DIGITS)[0, 0]
+                    for n in range(1, 11)])
+  np.testing.assert_allclose(float(jnp.exp(logp).sum()), 1.0, rtol=1e-5)
+  # Brute force for "3" and "10" from the raw distributions.
+  p_first = jax.nn.softmax(logits[0, 2])[DIGITS[1:]]
+  q1 = p_first / p_first.sum()
+  p_next = jax.nn.softmax(logits[0, 3])
+  p_end = 1.0 - p_next[DIGITS].sum()
+  np.testing.assert_allclose(float(jnp.exp(logp[2])), float(q1[2]), rtol=1e-5)
+  np.testing.assert_allclose(float(jnp.exp(logp[9])),
+                             float(q1[0] * p_next[DIGITS[0]] / (p_next[DIGITS[0]] + p_end)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(jnp.exp(logp[0])),
+                             float(q1[0] * p_end / (p_next[DIGITS[0]] + p_end)), rtol=1e-5)
+
+
+def _span_logits(digits_start, digits_end, confidence):
+  """Logits over a sequence spelling two numbers, each digit with `confidence` on the truth."""
+  seq = len(digits_start) + len(digits_end) + 4
+  logits = np.zeros((1, seq, VOCAB), np.float32)
+  positions = []
+  pos = 1
+  for number in (digits_start, digits_end):
+    ps = []
+    for d in number:
+      logits[0, pos - 1, int(DIGITS[d])] = confidence
+      ps.append(pos)
+      pos += 1
+    positions.append(ps)
+    pos += 1
+  return jnp.asarray(logits), positions
+
+
+def test_span_loss_is_zero_when_digits_are_certain_and_right():
+  # "12.5s-20.0s": digits 1,2,5 with place values 10,1,0.1; 2,0,0 likewise.
+  logits, (ps, pe) = _span_logits([1, 2, 5], [2, 0, 0], confidence=60.0)
+  digit_pos = jnp.array([[[ps, pe]]])
+  place = jnp.array([[[[10, 1, 0.1], [10, 1, 0.1]]]])
+  target = jnp.array([[[12.5, 20.0]]])
+  value = losses.soft_numbers(logits, digit_pos, place, DIGITS)
+  np.testing.assert_allclose(np.asarray(value), [[[12.5, 20.0]]], atol=1e-4)
+  total, count = losses.moment_loss(logits, digit_pos, place, target, DIGITS,
+                                    jnp.array([[True]]))
+  assert int(count) == 1 and float(total) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["iou", "giou", "diou"])
+def test_span_loss_falls_as_overlap_grows_and_has_gradients(kind):
+  target = jnp.array([10.0, 20.0])
+  values = [float(losses.span_loss(jnp.array([s, s + 10.0]), target, kind))
+            for s in (30.0, 16.0, 13.0, 10.0)]
+  assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(0.0, abs=1e-6)
+  grad = jax.grad(lambda p: losses.span_loss(p, target, kind))(jnp.array([12.0, 25.0]))
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
+  disjoint = jax.grad(lambda p: losses.span_loss(p, target, kind))(jnp.array([30.0, 40.0]))
+  assert (float(jnp.abs(disjoint).sum()) > 0) == (kind != "iou")
+
+
+def test_aux_losses_have_gradients_through_the_logits():
+  logits = jax.random.normal(jax.random.key(1), (1, 12, VOCAB))
+
+  def aux(logits):
+    lv, _ = losses.index_loss(logits, jnp.array([[2]]), jnp.array([[7]]), DIGITS,
+                              jnp.array([[True]]))
+    lc, _ = losses.moment_loss(logits, jnp.array([[[[5, 6], [8, 9]]]]),
+                               jnp.array([[[[1.0, 0.1], [1.0, 0.1]]]]), jnp.array([[[3.0, 6.0]]]),
+                               DIGITS, jnp.array([[True]]))
+    return 0.01 * lv + 0.01 * lc
+
+  g = jax.grad(aux)(logits)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
