@@ -7,6 +7,8 @@ import pytest
 import torch
 from flax import nnx
 from transformers import (
+    Blip2VisionConfig,
+    Blip2VisionModel,
     InstructBlipQFormerConfig,
     InstructBlipQFormerModel,
     InstructBlipVisionConfig,
@@ -31,13 +33,15 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
       p.copy_(1.0 + noise if "layernorm" in name.lower() or "layer_norm" in name else noise)
 
 
-def vit_pair(tiny_config, seed=0):
+def vit_pair(tiny_config, seed=0, family="instructblip"):
   cfg = tiny_config.model.vit
-  hf_cfg = InstructBlipVisionConfig(
+  config_cls, model_cls = {"instructblip": (InstructBlipVisionConfig, InstructBlipVisionModel),
+                           "blip2": (Blip2VisionConfig, Blip2VisionModel)}[family]
+  hf_cfg = config_cls(
       hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
       num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
       qkv_bias=True, layer_norm_eps=cfg.ln_eps, hidden_act="gelu")
-  torch_vit = InstructBlipVisionModel(hf_cfg).eval()
+  torch_vit = model_cls(hf_cfg).eval()
   torch_vit.post_layernorm.eps = cfg.ln_vision_eps  # LAVIS ln_vision uses 1e-5
   randomize(torch_vit, seed)
   vit = EvaViT(cfg, rngs=nnx.Rngs(1))
@@ -46,8 +50,9 @@ def vit_pair(tiny_config, seed=0):
   return torch_vit, vit
 
 
-def test_vit_matches_instructblip_vision_model(tiny_config):
-  torch_vit, vit = vit_pair(tiny_config)
+@pytest.mark.parametrize("family", ["instructblip", "blip2"])
+def test_vit_matches_hf_vision_model(tiny_config, family):
+  torch_vit, vit = vit_pair(tiny_config, family=family)
   size = tiny_config.model.vit.image_size
   pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
