@@ -24,9 +24,11 @@ setup(
         "numpy>=2.0,<2.5",
         "decord==0.6.0",
         "tqdm",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         # torch is pinned exactly: 2.13.0 resolves to a local CPU wheel, anything else pulls CUDA.
-        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "imageio", "imageio-ffmpeg"],
+        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "imageio", "imageio-ffmpeg",
+                 "nltk==3.10.4"],
     },
 )

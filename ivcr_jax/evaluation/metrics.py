@@ -1,0 +1,146 @@
+"""IVCR metrics: R@1, R@10, R@1 at IoU 0.3/0.5/0.7, mIoU, BLEU-4 and the per-turn table.
+
+Inputs are per-turn results whose answers are already parsed (by `ivcr_jax.data.answers`, the
+one parser shared with the loss labels and the chat). Every figure comes with the counts behind
+it. Denominators (ours): R@1 and R@10 over the evaluated video-retrieval turns, the IoU metrics
+and mIoU over the evaluated moment-retrieval turns, BLEU-4 over every evaluated assistant turn;
+an unparsable prediction is a miss (IoU 0), never dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnResult:
+  """One evaluated assistant turn.
+
+  kind: "video" (video retrieval), "moment" (moment retrieval) or "chat".
+  turn: 1-based index of the assistant turn in its dialogue.
+  """
+
+  dialogue_id: str
+  turn: int
+  kind: str
+  reference: str
+  prediction: str
+  gt_index: int | None = None
+  pred_index: int | None = None
+  gt_in_candidates: bool = True
+  gt_span: tuple[float, float] | None = None
+  pred_span: tuple[float, float] | None = None
+
+
+def iou(pred: Sequence[float] | None, gt: Sequence[float] | None) -> float:
+  """Temporal IoU; reversed spans are ordered, and missing or degenerate spans score 0.
+
+  The official `iou` divides by the hull (max end - min start), which equals the union whenever
+  the spans overlap and gives 0 when they do not, so the values agree; it would divide by zero on
+  identical zero-length spans and silently mis-score reversed ones.
+  """
+  if pred is None or gt is None:
+    return 0.0
+  p0, p1 = sorted(float(x) for x in pred)
+  g0, g1 = sorted(float(x) for x in gt)
+  inter = max(min(p1, g1) - max(p0, g0), 0.0)
+  hull = max(p1, g1) - min(p0, g0)
+  return inter / hull if hull > 0 else 0.0
+
+
+_BLEU_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+(?:\.\d+)?", re.UNICODE)
+
+
+def bleu_tokens(text: str) -> list[str]:
+  """Lower-cased words and numbers; each CJK character is a token of its own."""
+  return _BLEU_TOKEN.findall(text.lower())
+
+
+def corpus_bleu4(references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str]],
+                 epsilon: float = 0.1) -> float:
+  """Corpus BLEU-4 (Papineni et al.), one reference per hypothesis, uniform weights.
+
+  Smoothing: a zero n-gram match count is replaced by `epsilon` (Chen & Cherry's method 1, as
+  `nltk` `SmoothingFunction().method1`), so short corpora do not collapse to 0.
+  """
+  matches, totals = [0] * 4, [0] * 4
+  ref_len = hyp_len = 0
+  for ref, hyp in zip(references, hypotheses, strict=True):
+    ref_len += len(ref)
+    hyp_len += len(hyp)
+    for n in range(1, 5):
+      hyp_ngrams = collections.Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+      ref_ngrams = collections.Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+      matches[n - 1] += sum(min(c, ref_ngrams[g]) for g, c in hyp_ngrams.items())
+      totals[n - 1] += max(len(hyp) - n + 1, 1)  # as nltk: a too-short hypothesis counts 1
+  if hyp_len == 0 or matches[0] == 0:
+    return 0.0
+  log_precision = sum(math.log((m if m > 0 else epsilon) / t)
+                      for m, t in zip(matches, totals, strict=True)) / 4
+  brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+  return brevity * math.exp(log_precision)
+
+
+def _ratio(hits: float, count: int) -> float:
+  return hits / count if count else 0.0
+
+
+def compute(results: Sequence[TurnResult], max_turn: int = 7) -> dict:
+  """All metrics with their counts, plus the per-turn table (turns 1..`max_turn`)."""
+  video = [r for r in results if r.kind == "video"]
+  moment = [r for r in results if r.kind == "moment"]
+  ious = [iou(r.pred_span, r.gt_span) for r in moment]
+  r1_hits = sum(r.pred_index is not None and r.pred_index == r.gt_index for r in video)
+  out = {
+      "r@1": _ratio(r1_hits, len(video)),
+      "r@10": _ratio(sum(r.gt_in_candidates for r in video), len(video)),
+      "miou": _ratio(sum(ious), len(ious)),
+      "bleu4": corpus_bleu4([bleu_tokens(r.reference) for r in results],
+                            [bleu_tokens(r.prediction) for r in results]),
+      "counts": {
+          "video_turns": len(video), "r@1_hits": r1_hits,
+          "video_unparsed": sum(r.pred_index is None for r in video),
+          "moment_turns": len(moment),
+          "moment_unparsed": sum(r.pred_span is None for r in moment),
+          "chat_turns": sum(r.kind == "chat" for r in results), "all_turns": len(results),
+      },
+  }
+  for t in IOU_THRESHOLDS:
+    hits = sum(v >= t for v in ious)
+    out[f"r@1_iou{t}"] = _ratio(hits, len(ious))
+    out["counts"][f"iou{t}_hits"] = hits
+  out["per_turn"] = per_turn(results, max_turn)
+  return out
+
+
+def per_turn(results: Sequence[TurnResult], max_turn: int = 7) -> list[dict]:
+  """The paper's Table 4: per assistant-turn index, R@1 and R@1 at each IoU threshold."""
+  rows = []
+  for turn in range(1, max_turn + 1):
+    video = [r for r in results if r.turn == turn and r.kind == "video"]
+    moment = [iou(r.pred_span, r.gt_span) for r in results if r.turn == turn and r.kind == "moment"]
+    row = {"turn": turn, "video_turns": len(video), "moment_turns": len(moment),
+           "r@1": _ratio(sum(r.pred_index == r.gt_index and r.pred_index is not None
+                             for r in video), len(video))}
+    for t in IOU_THRESHOLDS:
+      row[f"r@1_iou{t}"] = _ratio(sum(v >= t for v in moment), len(moment))
+    rows.append(row)
+  return rows
+
+
+def per_turn_markdown(rows: Sequence[dict]) -> str:
+  """The per-turn table as Markdown (Table 4 layout: one column per turn)."""
+  header = "| metric | " + " | ".join(f"turn {r['turn']}" for r in rows) + " |"
+  lines = [header, "|---" * (len(rows) + 1) + "|"]
+  names = [("r@1", "R@1"), *[(f"r@1_iou{t}", f"R@1 IoU={t}") for t in IOU_THRESHOLDS]]
+  for key, label in names:
+    lines.append(f"| {label} | " + " | ".join(f"{100 * r[key]:.1f}" for r in rows) + " |")
+  lines.append("| video / moment turns | "
+               + " | ".join(f"{r['video_turns']} / {r['moment_turns']}" for r in rows) + " |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""Evaluation metrics: IoU edge cases, BLEU-4 against nltk, aggregation and plots."""
+
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+from ivcr_jax.evaluation import metrics, plots
+from ivcr_jax.evaluation.metrics import TurnResult
+
+
+@pytest.mark.parametrize("pred,gt,want", [
+    ((10, 20), (10, 20), 1.0),
+    ((10, 20), (15, 25), 5 / 15),
+    ((20, 10), (15, 25), 5 / 15),  # reversed prediction is ordered
+    ((0, 5), (10, 20), 0.0),
+    ((12, 12), (10, 20), 0.0),  # zero-length prediction inside the GT
+    ((3, 3), (3, 3), 0.0),  # degenerate: no division by zero
+    (None, (10, 20), 0.0),
+])
+def test_iou(pred, gt, want):
+  assert metrics.iou(pred, gt) == pytest.approx(want)
+
+
+CASES = [
+    ("The video 3 matches your description of a red circle.",
+     "I think video 3 matches the red circle you described."),
+    ("The moment happens at 12.5s-20.0s when the square moves left.",
+     "It happens at 12.5s-20.0s, when the blue square moves to the left."),
+    ("Sure, happy to help.", "Hello there."),
+    ("你好，视频 5 是红色的圆。", "视频 5 里有红色的圆。"),
+    ("a b c d e f g", "a b c d e f g"),
+]
+
+
+def test_corpus_bleu4_matches_nltk_method1():
+  refs = [metrics.bleu_tokens(r) for r, _ in CASES]
+  hyps = [metrics.bleu_tokens(h) for _, h in CASES]
+  want = corpus_bleu([[r] for r in refs], hyps, smoothing_function=SmoothingFunction().method1)
+  assert metrics.corpus_bleu4(refs, hyps) == pytest.approx(want, rel=1e-9)
+  for ref, hyp in zip(refs, hyps, strict=True):  # sentence level too (short corpora)
+    single = corpus_bleu([[ref]], [hyp], smoothing_function=SmoothingFunction().method1)
+    assert metrics.corpus_bleu4([ref], [hyp]) == pytest.approx(single, rel=1e-9)
+  assert metrics.bleu_tokens("视频 12.5s") == ["视", "频", "12.5", "s"]
+
+
+def _results():
+  return [
+      TurnResult("d1", 1, "video", "video 3", "video 3", gt_index=3, pred_index=3),
+      TurnResult("d1", 2, "moment", "1s-5s", "2s-5s", gt_span=(1, 5), pred_span=(2, 5)),
+      TurnResult("d2", 1, "video", "video 2", "no idea", gt_index=2, pred_index=None,
+                 gt_in_candidates=False),
+      TurnResult("d2", 2, "moment", "1s-5s", "none", gt_span=(1, 5), pred_span=None),
+      TurnResult("d3", 1, "chat", "hello", "hello"),
+  ]
+
+
+def test_compute_reports_counts_and_per_turn(tmp_path):
+  out = metrics.compute(_results())
+  assert out["r@1"] == 0.5 and out["r@10"] == 0.5
+  assert out["r@1_iou0.7"] == 0.5 and out["r@1_iou0.3"] == 0.5
+  assert out["miou"] == pytest.approx(0.75 / 2)
+  assert out["counts"]["video_unparsed"] == 1 and out["counts"]["moment_unparsed"] == 1
+  assert out["counts"]["all_turns"] == 5 and out["counts"]["chat_turns"] == 1
+  rows = out["per_turn"]
+  assert rows[0]["r@1"] == 0.5 and rows[0]["video_turns"] == 2
+  assert rows[1]["r@1_iou0.5"] == 0.5 and rows[2]["video_turns"] == 0
+  table = metrics.per_turn_markdown(rows)
+  assert "| R@1 | 50.0 |" in table
+  bars = plots.per_turn_bars(rows, str(tmp_path / "per_turn.png"))
+  hist = plots.iou_histogram([0.75, 0.0], str(tmp_path / "iou.png"))
+  for path in (bars, hist):
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
