@@ -97,9 +97,27 @@ def _train() -> ml_collections.ConfigDict:
   t.b2 = 0.999
   t.eps = 1e-8
   t.grad_clip = 0.0  # 0 disables clipping (official: none)
-  t.alpha = 0.01  # weight of L_V (video-index cross-entropy)
+  t.alpha = 0.01  # weight of L_V (video-index cross-entropy); 0 with beta=0: official dynamics
   t.beta = 0.01  # weight of L_C (1 - IoU of the moment span)
+  t.span_loss = "giou"  # "iou" | "giou" | "diou" (giou/diou keep a gradient on disjoint spans)
+  t.log_every = 50
+  t.eval_every = 5000  # validation loss every N micro-steps (0: never)
+  t.checkpoint_every = 5000
+  t.keep_checkpoints = 3
   return t
+
+
+def _weights() -> ml_collections.ConfigDict:
+  """Local files of the official initialisation chain (reference §6.3); see README "Weights"."""
+  return ml_collections.ConfigDict(dict(
+      eva_vit="weights/eva_vit_g.pth",
+      instructblip="weights/instruct_blip_vicuna7b_trimmed.pth",
+      llama="weights/Llama-2-7b-chat-hf",
+      timechat="weights/timechat_7b.pth",
+      videollama="weights/VL_LLaMA_2_7B_Finetuned.pth",
+      ivcr="",  # a trained official IVCR checkpoint (evaluation only)
+      init_checkpoint="weights/interllava_init",  # orbax checkpoint built from the files above
+  ))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -112,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = _model()
   c.data = _data()
   c.train = _train()
+  c.weights = _weights()
   c.generation = ml_collections.ConfigDict(dict(
       max_new_tokens=1024, do_sample=False, temperature=0.6, top_p=0.9, seed=42))
   c.mesh = ml_collections.ConfigDict(dict(

@@ -22,7 +22,8 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh of `mesh_cfg.shape` (one -1 takes the remaining devices) over `mesh_cfg.axes`."""
+  """A mesh of `mesh_cfg.shape` over `mesh_cfg.axes`; one -1 takes the remaining devices, and a
+  fully given shape smaller than the device count uses the first devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(mesh_cfg.shape)
   if shape.count(-1) > 1:
@@ -32,6 +33,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
     if len(devices) % known:
       raise ValueError(f"{len(devices)} devices do not fill mesh shape {tuple(shape)}")
     shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) < len(devices):
+    devices = devices[:math.prod(shape)]
   if math.prod(shape) != len(devices):
     raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
                      f"{len(devices)} available")

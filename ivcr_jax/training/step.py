@@ -1,0 +1,160 @@
+"""The jitted training step: a pure function of (train state, frozen weights, batch, key).
+
+The model is split once into a graph definition, the trainable parameters and the frozen ones
+(`model.trainable` groups). Only trainable leaves are differentiated and live in the optimizer
+state; frozen weights are an input that is never donated or updated. Parameters travel as plain
+nested dicts (orbax- and optax-friendly paths) and are merged back into the NNX model inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ivcr_jax import sharding
+from ivcr_jax.models import trainable as trainable_lib
+from ivcr_jax.training import losses
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  alpha: float
+  beta: float
+  span_loss: str
+  digit_ids: tuple[int, ...]  # token ids of "0".."9"
+
+  @classmethod
+  def from_config(cls, train: ml_collections.ConfigDict, digit_ids) -> LossConfig:
+    return cls(float(train.alpha), float(train.beta), str(train.span_loss),
+               tuple(int(i) for i in digit_ids))
+
+
+def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
+                     dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+  """L = L_M + alpha * L_V + beta * L_C (each a mean over its items), with each term logged.
+
+  With alpha = beta = 0 the aux terms are not even computed: the official training dynamics.
+  """
+  logits = model(batch, dropout_key=dropout_key)
+  lm_sum, lm_count = losses.lm_loss(logits, batch["labels"])
+  lm = lm_sum / jnp.maximum(lm_count, 1)
+  metrics = {"loss_lm": lm, "tokens": lm_count}
+  total = lm
+  digits = jnp.asarray(np.asarray(cfg.digit_ids, np.int32))
+  if cfg.alpha and "index_pos" in batch:
+    v_sum, v_count = losses.index_loss(logits, batch["index_pos"], batch["index_target"], digits,
+                                       batch["index_valid"])
+    lv = v_sum / jnp.maximum(v_count, 1)
+    total = total + cfg.alpha * lv
+    metrics.update(loss_index=lv, index_items=v_count)
+  if cfg.beta and "span_pos" in batch:
+    c_sum, c_count = losses.moment_loss(logits, batch["span_pos"], batch["span_place"],
+                                        batch["span_target"], digits, batch["span_valid"],
+                                        cfg.span_loss)
+    lc = c_sum / jnp.maximum(c_count, 1)
+    total = total + cfg.beta * lc
+    metrics.update(loss_span=lc, span_items=c_count)
+  metrics["loss"] = total
+  return total, metrics
+
+
+@dataclasses.dataclass
+class Split:
+  """A model split for the functional step: graph, trainable params (pure dict), frozen state."""
+
+  graphdef: Any
+  params: PyTree
+  frozen: nnx.State
+  template: nnx.State  # abstract trainable state, to rebuild NNX state from the pure dict
+  axes: PyTree  # logical axis names of every trainable parameter (pure dict of tuples)
+
+  @classmethod
+  def of(cls, model: nnx.Module, groups) -> Split:
+    graphdef, train, frozen = trainable_lib.split_trainable(model, groups)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train)
+    axes = nnx.to_pure_dict(sharding.logical_axes(train))
+    return cls(graphdef, nnx.to_pure_dict(train), frozen, template, axes)
+
+  def merge(self, params: PyTree, frozen: nnx.State) -> nnx.Module:
+    state = jax.tree.map(lambda x: x, self.template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state, frozen)
+
+
+def make_train_step(split: Split, tx: optax.GradientTransformation, loss_cfg: LossConfig
+                    ) -> Callable:
+  """`step(state, frozen, batch, key) -> (state, metrics)` with `state = {params, opt, step}`."""
+
+  def step(state, frozen, batch, key):
+    def loss_fn(params):
+      model = split.merge(params, frozen)
+      return loss_and_metrics(model, batch, loss_cfg, jax.random.fold_in(key, state["step"]))
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return step
+
+
+def make_eval_step(split: Split, loss_cfg: LossConfig) -> Callable:
+  """`eval_step(params, frozen, batch) -> metrics` (deterministic: no dropout)."""
+
+  def eval_step(params, frozen, batch):
+    return loss_and_metrics(split.merge(params, frozen), batch, loss_cfg, None)[1]
+
+  return eval_step
+
+
+def place(split: Split, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
+          ) -> tuple[dict, nnx.State]:
+  """Puts the train state `{params, opt, step}` and the frozen weights on `mesh` by the rules.
+
+  The optimizer state is initialised under `jit` from the sharded parameters, so its moments
+  inherit their shardings. The split keeps no reference to the unplaced arrays afterwards.
+  """
+  param_sh = jax.tree.map(
+      lambda axes, p: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes, p.shape,
+                                                                                 mesh, rules)),
+      split.axes, split.params, is_leaf=lambda x: isinstance(x, tuple))
+  params = jax.device_put(split.params, param_sh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  opt = jax.tree.map(  # counters etc. are created on one device: replicate them on the mesh
+      lambda x: x if len(x.devices()) == mesh.size else jax.device_put(x, replicated),
+      jax.jit(tx.init)(params))
+  frozen_sh = sharding.state_shardings(split.frozen, mesh, rules)
+  frozen = jax.device_put(split.frozen, frozen_sh)
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  split.params = split.frozen = None
+  return {"params": params, "opt": opt, "step": step}, frozen
+
+
+def shardings_of(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def batch_shardings(batch: dict, mesh: jax.sharding.Mesh, rules) -> dict:
+  """Every batch array (and the video table) split over the data-parallel axes on its first dim."""
+  return {k: sharding.data_sharding(mesh, rules, np.ndim(v)) for k, v in batch.items()}
+
+
+def jit_train_step(step: Callable, state: dict, frozen: nnx.State, batch: dict,
+                   mesh: jax.sharding.Mesh, rules) -> Callable:
+  """`jax.jit` with in/out shardings and the train state donated."""
+  state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_shardings(batch, mesh, rules),
+                                     None),
+                 out_shardings=(state_sh, None), donate_argnums=(0,))
