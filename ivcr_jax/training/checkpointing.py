@@ -7,6 +7,7 @@ LLaMA base) are never saved: they are reloaded from their source. Restore takes 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grain
@@ -42,8 +43,8 @@ class Checkpointer:
            meta: dict | None = None, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started."""
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if data_iterator is not None:  # snapshot now: an async save may run after the loop moved on
+      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state: Any, *, step: int | None = None,
@@ -65,6 +66,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class _IteratorSnapshot:
+  """The position of a data iterator at save time. grain's handler writes `get_state()` bytes
+  of non-dataset iterators verbatim, which for a dataset iterator's dict is its JSON."""
+
+  def __init__(self, state: Any):
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
