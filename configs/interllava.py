@@ -80,6 +80,33 @@ def _data() -> ml_collections.ConfigDict:
   d.sample_train = "rand"  # official random per-interval sampling with its fallback
   d.sample_eval = "uniform"  # deterministic evaluation (the official eval is random, B6)
   d.num_candidates = 10
+  # Records (ivcr_jax.data.records). "" annotations: the toy corpus (demo, tests).
+  d.annotations = ""  # IVCR-200K annotation JSON
+  d.video_root = ""  # the directory its video paths are relative to
+  d.stores = ""  # frame + dialogue stores (data_prep.build_stores); toy presets: <workdir>/toy_data
+  # A feature store (data_prep.build_feature_store) of the model's own frozen ViT: training reads
+  # post-ViT features instead of frames and skips the ViT. "": frames.
+  d.features = ""
+  d.sample_mode = "dialogue"  # "dialogue": all answers in one sequence | "prefix": official
+  d.max_turns = 7  # official: prefixes of <= 7 turns
+  d.long_dialogues = "truncate"  # longer dialogues: "truncate" (official effect) | "skip"
+  d.moment_index_fallback = "candidates"  # "none": "<VID> None </VID>" as official (B20)
+  d.span_tolerance_s = 1.0  # max distance between a moment answer's span and gt_se
+  d.chat_turns = True  # natural-dialogue turns (gt_se null; an extension of the schema)
+  # Static batch shapes: sequence lengths and video-table sizes are rounded up to these buckets
+  # (one compilation per bucket pair); the last sequence bucket is the longest sequence allowed.
+  d.seq_buckets = (1024, 2048, 4096)
+  d.video_buckets = (11, 22, 44, 88)
+  d.max_digits = 6  # digits per number located for the aux losses
+  # Tokenizers (ivcr_jax.data.tokenizer). "" tokenizer: the toy tokenizer (built offline).
+  d.tokenizer = ""  # Hugging Face tokenizer directory of the LLM
+  d.qformer_tokenizer = ""  # "": the LLM tokenizer's ids as BERT ids (official B1); or a dir
+  d.qformer_text_len = 32  # timestamp text tokens per frame (official max_length 32)
+  d.qformer_last_frame_quirk = True  # last frame "... seconds second." (official B2)
+  # Toy corpus (ivcr_jax.data.toy_corpus)
+  d.toy_num_videos = 300
+  d.toy_seed = 0
+  d.toy_size = 64  # frame side of the toy mp4 files (a multiple of 32)
   return d
 
 
@@ -138,6 +165,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shape=(1, -1, 1),  # -1: all remaining devices
       rules=DEFAULT_RULES))
 
+  if preset in ("official", "paper"):
+    c.data.annotations = "data/IVCR-200K/IVCR-200K.json"
+    c.data.video_root = "data/IVCR-200K/videos"
+    c.data.stores = "data/ivcr_stores"
+    c.data.tokenizer = c.weights.llama
   if preset == "paper":
     c.data.frames_retrieval = 12
     c.data.frames_moment = 96
@@ -169,5 +201,14 @@ def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
                     max_position=2048))
   m.lora.update(dict(rank=8, alpha=16.0))
   c.data.frames_retrieval = c.data.frames_moment = 16
+  c.data.seq_buckets = (1024,)  # one sequence bucket and two table sizes: few compilations
+  c.data.video_buckets = (48, 96)
+  c.data.max_turns = 4
+  c.data.qformer_text_len = 20  # the toy timestamp texts are at most ~17 tokens
+  c.weights.init_checkpoint = ""
+  c.generation.max_new_tokens = 96  # toy answers are ~40 tokens
+  if preset == "demo":  # trained from scratch: there are no pretrained weights to freeze
+    m.trainable = ("vit", "qformer", "query_tokens", "frame_position_embedding", "video_qformer",
+                   "video_query_tokens", "projection", "llm", "lora")
   c.train.update(dict(num_steps=200, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
                       warmup_steps=20, batch_size=4))

@@ -7,6 +7,8 @@ full copies in memory.
 from __future__ import annotations
 
 import abc
+import json
+import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -40,6 +42,88 @@ class DictSource(TensorSource):
 
   def get(self, key):
     return to_numpy(self.tensors[self.prefix + key])
+
+
+class SafetensorsSource(TensorSource):
+  """A `.safetensors` file, or a sharded checkpoint through its `*.safetensors.index.json`.
+
+  Every `get` memory-maps the file with `safe_open`, copies out one tensor and unmaps it again,
+  so the pages read do not stay resident for the rest of the conversion. bf16 tensors come back
+  as `ml_dtypes.bfloat16` arrays.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    from safetensors import safe_open
+
+    self.name = os.fspath(path)
+    self.files = _shard_map(self.name)
+    if self.files is None:
+      with safe_open(self.name, framework="numpy") as f:
+        self.files = dict.fromkeys(f.keys(), self.name)
+
+  def keys(self):
+    return list(self.files)
+
+  def get(self, key):
+    from safetensors import safe_open
+
+    with safe_open(self.files[key], framework="numpy") as f:
+      return f.get_tensor(key)
+
+
+class TorchFileSource(TensorSource):
+  """A torch `state_dict` file (`pytorch_model.bin`, `.pt`) or a sharded one through its
+  `*.bin.index.json`, loaded with `mmap=True` so tensors are only read when asked for.
+
+  Needs torch (imported here only); bf16 tensors come back widened to float32.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.name = os.fspath(path)
+    self.files = _shard_map(self.name)
+    self._loaded: dict[str, Mapping[str, object]] = {}
+    if self.files is None:
+      self.files = dict.fromkeys(self._load(self.name), self.name)
+
+  def _load(self, file: str) -> Mapping[str, object]:
+    if file not in self._loaded:
+      import torch  # torch checkpoints need torch to unpickle
+
+      self._loaded[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return self._loaded[file]
+
+  def keys(self):
+    return list(self.files)
+
+  def get(self, key):
+    return to_numpy(self._load(self.files[key])[key])
+
+
+def directory_source(directory: str | os.PathLike, stem: str = "model") -> TensorSource:
+  """The weights of a Hugging Face model directory: `{stem}.safetensors[.index.json]`, else
+  `pytorch_{stem}.bin[.index.json]` (e.g. stem `adapter_model` for a PEFT adapter)."""
+  directory = os.fspath(directory)
+  candidates = [(f"{stem}.safetensors.index.json", SafetensorsSource),
+                (f"{stem}.safetensors", SafetensorsSource),
+                (f"pytorch_{stem}.bin.index.json", TorchFileSource),
+                (f"pytorch_{stem}.bin", TorchFileSource),
+                (f"{stem}.bin", TorchFileSource)]
+  for name, kind in candidates:
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return kind(path)
+  raise FileNotFoundError(f"no {stem} weights in {directory} (looked for "
+                          f"{', '.join(name for name, _ in candidates)})")
+
+
+def _shard_map(path: str) -> dict[str, str] | None:
+  """Key -> shard file of a sharded checkpoint's index (None when `path` is not an index)."""
+  if not path.endswith(".index.json"):
+    return None
+  with open(path) as f:
+    weight_map = json.load(f)["weight_map"]
+  base = os.path.dirname(path)
+  return {key: os.path.join(base, file) for key, file in weight_map.items()}
 
 
 def to_numpy(tensor: object) -> np.ndarray:

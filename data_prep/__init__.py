@@ -1,0 +1,1 @@
+"""Offline data preparation commands (IVCR-200K JSON + videos -> stores; the toy corpus)."""

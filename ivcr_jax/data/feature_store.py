@@ -1,0 +1,248 @@
+"""Post-ViT feature store (SPEC §4.2): the frozen ViT + ln_vision run once per stored frame, so
+training reads features and skips the most expensive frozen part.
+
+One record per video of a frame store: `features [T, N, W]` of every stored frame (so `rand`
+sampling still works at training time: the pipeline samples feature rows exactly as it samples
+frames), their frame indices, fps and frame count. Storage type:
+- `float16` (default): half the bytes of float32, 11-bit mantissa; ln_vision outputs are O(1),
+  far inside its range;
+- `bfloat16`: the same bytes, kept as the raw uint16 bits (TFDS has no bfloat16), 8-bit mantissa
+  like a bf16-trained ViT's own activations;
+- `float32`: exact (tests, or when disk does not matter).
+Reads always give float32. A ViT-g/14 video of 64 frames at 224 px is 64 x 257 x 1408 values:
+46 MB in float16, against 9.6 MB of uint8 frames; the store trades disk for ViT compute.
+
+Features are only valid for the ViT they came from: the index records `vit_fingerprint` (a hash
+of the ViT + ln_vision parameters and the settings that change their output), and
+`FeatureStore.check` refuses any other ViT with a message saying how to rebuild.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ivcr_jax.data import stores
+
+FEATURE_STORE = "ivcr_features"
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+# The vit settings that change the features (remat/scan_layers change only how they are computed).
+_VIT_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_dim", "ln_eps",
+             "ln_vision_eps")
+
+
+class FeatureStoreMismatch(ValueError):
+  """The feature store was built from another ViT than the model's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFeatures:
+  """A video's ViT features, the counterpart of `frames.VideoFrames`."""
+
+  features: np.ndarray  # [T, N, W] float32
+  indices: np.ndarray  # [T] int32, frame numbers in the video
+  fps: float
+  num_video_frames: int
+
+  @property
+  def times(self) -> np.ndarray:
+    return self.indices / self.fps
+
+
+def vit_fingerprint(vision) -> str:
+  """sha256 of a `VisionTower`'s ViT (+ ln_vision) parameters, their layout and the settings that
+  change `encode_frames` (ViT shape, compute dtype)."""
+  import jax
+  from flax import nnx
+
+  cfg = vision.cfg
+  h = hashlib.sha256(json.dumps({"vit": {k: cfg.vit[k] for k in _VIT_KEYS},
+                                 "dtype": str(cfg.dtype)}, sort_keys=True).encode())
+  leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.state(vision.vit, nnx.Param))
+  for path, leaf in leaves:
+    array = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()
+
+
+def _features_spec(num_tokens: int, width: int, dtype: str):
+  import tensorflow_datasets as tfds
+
+  f = tfds.features
+  stored = np.uint16 if dtype == "bfloat16" else np.dtype(dtype).type
+  return f.FeaturesDict({
+      "video": f.Text(),
+      "features": f.Tensor(shape=(None, num_tokens, width), dtype=stored,
+                           encoding=f.Encoding.BYTES),
+      "frame_indices": f.Tensor(shape=(None,), dtype=np.int32),
+      "fps": stores._float64(()),
+      "num_video_frames": f.Scalar(dtype=np.int32)})
+
+
+def _encoded(videos: list[str], frame_store: stores.FrameStore, encode, batch_frames: int,
+             item_shape: tuple[int, ...]) -> Iterator[tuple[str, Any, np.ndarray]]:
+  """(video, stored frames, features) in order; frames of consecutive videos share fixed-size
+  ViT batches (one compilation, no padding waste on short videos)."""
+  waiting: collections.deque = collections.deque()  # (video, frames) without all features yet
+  frames_in: list[np.ndarray] = []  # frames not yet encoded, in order
+  rows_out: list[np.ndarray] = []  # encoded rows not yet handed out, in order
+  num_in = num_out = 0
+
+  def flush(final: bool):
+    nonlocal frames_in, num_in, num_out
+    while num_in >= batch_frames or (final and num_in):
+      flat = np.concatenate(frames_in)
+      chunk, rest = flat[:batch_frames], flat[batch_frames:]
+      batch = np.zeros((batch_frames, *item_shape), np.uint8)
+      batch[:len(chunk)] = chunk
+      rows_out.append(encode(batch)[:len(chunk)])
+      num_out += len(chunk)
+      frames_in, num_in = ([rest] if len(rest) else []), len(rest)
+
+  def ready() -> Iterator[tuple[str, Any, np.ndarray]]:
+    nonlocal rows_out, num_out
+    while waiting and len(waiting[0][1].indices) <= num_out:
+      video, vf = waiting.popleft()
+      flat = np.concatenate(rows_out)
+      n = len(vf.indices)
+      yield video, vf, flat[:n]
+      rows_out, num_out = ([flat[n:]] if len(flat) > n else []), len(flat) - n
+
+  for video, vf in zip(videos, stores._ordered_map(frame_store.__getitem__, videos, 2),
+                       strict=True):
+    waiting.append((video, vf))
+    frames_in.append(vf.frames)
+    num_in += len(vf.frames)
+    flush(final=False)
+    yield from ready()
+  flush(final=True)
+  yield from ready()
+
+
+@dataclasses.dataclass
+class FeatureStoreResult:
+  path: str  # the versioned store directory
+  videos: list[str]
+  fingerprint: str
+
+
+def write_feature_store(out_dir: str, frame_store: stores.FrameStore, vision, *,
+                        dtype: str = "float16", batch_frames: int = 64, progress: bool = True,
+                        overwrite: bool = False) -> FeatureStoreResult:
+  """Encodes every stored frame of `frame_store` with `vision.encode_frames` (a `VisionTower`,
+  jitted, `batch_frames` images per call) into a feature store under `out_dir`.
+
+  An existing store there is an error unless `overwrite` (TFDS would silently keep it).
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"feature dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+  cfg = vision.cfg
+  size = frame_store.settings.size
+  if size != cfg.vit.image_size:
+    raise ValueError(f"the frame store holds {size} px frames but the ViT takes "
+                     f"{cfg.vit.image_size} px; rebuild the frame store with --size "
+                     f"{cfg.vit.image_size}")
+  target = os.path.join(out_dir, FEATURE_STORE)
+  if os.path.exists(target):
+    if not overwrite:
+      raise FileExistsError(f"{target} exists; choose another directory or overwrite")
+    shutil.rmtree(target)
+  graphdef, state = nnx.split(vision)
+  cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.dtype(dtype)
+
+  @jax.jit
+  def run(state, frames):
+    return nnx.merge(graphdef, state).encode_frames(frames[None])[0].astype(cast)
+
+  def encode(frames: np.ndarray) -> np.ndarray:
+    out = np.asarray(run(state, frames))
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+  fingerprint = vit_fingerprint(vision)
+  num_tokens = (size // cfg.vit.patch_size) ** 2 + 1
+  videos = sorted(frame_store.record_of, key=frame_store.record_of.get)
+
+  def examples() -> Iterator[tuple[int, dict[str, Any]]]:
+    items = _encoded(videos, frame_store, encode, batch_frames, (size, size, 3))
+    if progress:
+      from tqdm import tqdm
+
+      items = tqdm(items, total=len(videos), desc="ViT features", unit="video")
+    for key, (video, vf, feats) in enumerate(items):
+      yield key, {"video": video, "features": feats, "frame_indices": vf.indices, "fps": vf.fps,
+                  "num_video_frames": vf.num_video_frames}
+
+  builder = stores._builder_class(FEATURE_STORE)(
+      features=_features_spec(num_tokens, cfg.vit.width, dtype), examples={"videos": examples},
+      data_dir=out_dir, file_format="array_record")
+  builder.download_and_prepare()
+  index = {"vit_fingerprint": fingerprint, "dtype": dtype,
+           "shape": [num_tokens, cfg.vit.width],
+           "vit": {k: cfg.vit[k] for k in _VIT_KEYS}, "compute_dtype": str(cfg.dtype),
+           "frame_settings": dataclasses.asdict(frame_store.settings), "videos": videos}
+  with open(os.path.join(builder.data_dir, stores.INDEX_FILE), "w", encoding="utf-8") as f:
+    json.dump(index, f, ensure_ascii=False, indent=1)
+  return FeatureStoreResult(builder.data_dir, videos, fingerprint)
+
+
+class FeatureStore:
+  """Random access to a feature store by video path (features as float32)."""
+
+  def __init__(self, path: str):
+    import tensorflow_datasets as tfds
+
+    index_path = os.path.join(path, stores.INDEX_FILE)
+    if not os.path.exists(index_path):
+      raise FileNotFoundError(f"no feature store at {path} (build one with python -m "
+                              "data_prep.build_feature_store)")
+    with open(index_path, encoding="utf-8") as f:
+      index = json.load(f)
+    self.path = path
+    self.fingerprint: str = index["vit_fingerprint"]
+    self.dtype: str = index["dtype"]
+    self.shape: tuple[int, int] = tuple(index["shape"])  # (N, W) per frame
+    self.frame_settings = stores.FrameSettings(**index["frame_settings"])
+    self.record_of = {v: i for i, v in enumerate(index["videos"])}
+    self._source = tfds.builder_from_directory(path).as_data_source(split="videos")
+
+  def __len__(self) -> int:
+    return len(self.record_of)
+
+  def __contains__(self, video: str) -> bool:
+    return video in self.record_of
+
+  def check(self, fingerprint: str | None) -> None:
+    """Refuses features from another ViT than the one whose `vit_fingerprint` is given."""
+    if fingerprint != self.fingerprint:
+      got = "no ViT fingerprint was given" if fingerprint is None else (
+          f"the model's ViT has fingerprint {fingerprint[:12]}")
+      raise FeatureStoreMismatch(
+          f"the feature store {self.path} was built from the ViT with fingerprint "
+          f"{self.fingerprint[:12]}, but {got}: its features are not this model's. Rebuild it "
+          "with python -m data_prep.build_feature_store for this model's weights, or train from "
+          "frames (data.features='').")
+
+  def __getitem__(self, video: str) -> VideoFeatures:
+    if video not in self.record_of:
+      raise KeyError(f"video {video!r} is not in the feature store {self.path}")
+    ex = self._source[self.record_of[video]]
+    feats = ex["features"]
+    if self.dtype == "bfloat16":
+      import ml_dtypes
+
+      feats = feats.view(ml_dtypes.bfloat16)
+    return VideoFeatures(features=feats.astype(np.float32), indices=ex["frame_indices"],
+                         fps=float(ex["fps"]), num_video_frames=int(ex["num_video_frames"]))

@@ -1,0 +1,371 @@
+"""The grain input pipeline: samples + frame store -> static-shape batches with a splice plan.
+
+Per sample (a `records.Sample`): sample each video's frames (official `rand` in training, with a
+stream per (seed, epoch, video) so a video shared by two samples of a batch is sampled alike),
+render and tokenise the chat prompt (`prompt.encode`), and drop the oldest whole turns while the
+spliced sequence is longer than `max_len` or the sample shows more videos than its share of the
+largest video table (counted by reason in `SampleEncoder.truncated`).
+
+With a feature store (`data.features`, `ivcr_jax.data.feature_store`) the same sampling picks
+rows of stored ViT features instead of frames, and batches carry `features [V, T, N, W]`
+(float32) instead of `frames`; the store must come from the model's own ViT (checked by
+fingerprint).
+
+Per batch (`assemble`): collect the batch's distinct sampled videos (video path + frame indices)
+into one table (each encoded once on device), expand every `<VIDEOTOKEN>` into as many slots as
+its video yields embeddings, and write
+`video_slot` (-1 for text, else the row of the flattened `[V * tokens_per_video]` video-embedding
+table), labels, positions and the digit positions of every index/span answer for the aux losses.
+Sequence length and video-table size are rounded up to a few buckets, so the train step compiles
+once per bucket pair, never per batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import functools
+import math
+import threading
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from ivcr_jax.data import feature_store as feature_store_lib
+from ivcr_jax.data import frames as frames_lib
+from ivcr_jax.data import prompt
+from ivcr_jax.data.records import MOMENT, RecordError, Sample
+
+IGNORE = prompt.IGNORE_INDEX
+# Turns are dropped (oldest first) for these reasons; anything else is an error.
+_SHORTENABLE = ("context_too_long", "too_many_videos")
+
+VideoKey = tuple[str, tuple[int, ...]]  # (video path, sampled frame indices): one table row
+Video = frames_lib.VideoFrames | feature_store_lib.VideoFeatures
+
+
+class MissingVideoError(LookupError):
+  """A sample needs a video that its store does not hold; the message names both."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static shapes of a batch and how videos become LLM tokens."""
+
+  batch_size: int
+  seq_buckets: tuple[int, ...]  # allowed sequence lengths after splicing (ascending)
+  video_buckets: tuple[int, ...]  # allowed video-table sizes (ascending)
+  frames: int  # T: frames per video, padded
+  text_len: int  # L: Q-Former timestamp tokens per frame
+  queries: int  # video Q-Former queries per window
+  stride: int  # sliding-window stride in frames
+  max_numbers: int  # index answers / span answers per sequence
+  max_digits: int  # digits per number
+
+  def tokens_per_video(self, num_frames: int) -> int:
+    return self.queries * math.ceil(num_frames / self.stride)
+
+  @classmethod
+  def from_config(cls, config, batch_size: int | None = None) -> Layout:
+    m, d = config.model, config.data
+    frames = max(d.frames_retrieval, d.frames_moment)
+    return cls(batch_size=batch_size or config.train.batch_size,
+               seq_buckets=tuple(d.seq_buckets), video_buckets=tuple(d.video_buckets),
+               frames=frames, text_len=d.qformer_text_len,
+               queries=m.video_qformer.num_query_tokens, stride=m.video.stride,
+               max_numbers=d.max_turns, max_digits=d.max_digits)
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+class SampleEncoder:
+  """Turns one `Sample` into a host-side element: tokens, labels, numbers, sampled frames (or
+  features).
+
+  `truncated` counts the turns dropped from over-long samples, by reason (`context_too_long`,
+  `too_many_videos`), in this process (grain worker processes keep their own counts).
+  """
+
+  def __init__(self, config, tokenizer, frame_store, *, training: bool, layout: Layout,
+               qformer_tokenizer=None, feature_store=None, vit_fingerprint: str | None = None):
+    """Args:
+      frame_store: a `stores.FrameStore` whose frames the model's ViT takes.
+      feature_store: a `feature_store.FeatureStore` to read ViT features from instead; default:
+        the one at `config.data.features` if set.
+      vit_fingerprint: `feature_store.vit_fingerprint(model.vision)`; a feature store from any
+        other ViT is refused.
+    """
+    d = config.data
+    self.data = d
+    self._tokenizers = (tokenizer, qformer_tokenizer or tokenizer)
+    self._local = threading.local()
+    self.qformer_vocab = config.model.qformer.vocab_size
+    if feature_store is None and d.features:
+      feature_store = feature_store_lib.FeatureStore(d.features)
+    image_size = config.model.vit.image_size
+    if feature_store is not None:
+      if "vit" in config.model.trainable:
+        raise ValueError("data.features: this config trains the ViT (model.trainable has 'vit'), "
+                         "so stored ViT features would be stale; train from frames")
+      feature_store.check(vit_fingerprint)
+      self.store, self.field = feature_store, "features"
+      self.item_shape = tuple(feature_store.shape)
+    else:
+      size = frame_store.settings.size
+      if size != image_size:
+        raise ValueError(f"the frame store holds {size} px frames but the ViT takes "
+                         f"{image_size} px; rebuild it with python -m data_prep.build_stores "
+                         f"--size {image_size}")
+      self.store, self.field = frame_store, "frames"
+      self.item_shape = (image_size, image_size, 3)
+    self.training = training
+    self.layout = layout
+    self.sampling = d.sample_train if training else d.sample_eval
+    self.seed = config.seed
+    self.max_len = layout.seq_buckets[-1]
+    self.max_videos = layout.video_buckets[-1] // layout.batch_size
+    if self.max_videos < 1:
+      raise ValueError(f"the largest video table ({layout.video_buckets[-1]}) is smaller than the "
+                       f"batch size {layout.batch_size}")
+    self.truncated = collections.Counter()
+
+  def __getstate__(self):  # for grain worker processes: thread-local copies are rebuilt there
+    state = dict(self.__dict__)
+    state["_local"] = None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local = threading.local()
+
+  def tokenizers(self):
+    """This thread's (LLM, Q-Former) tokenizers. HF fast tokenizers keep truncation/padding as
+    mutable state, so concurrent calls from grain's threads must not share one object."""
+    if not hasattr(self._local, "pair"):
+      llm, qformer = self._tokenizers
+      self._local.pair = (copy.deepcopy(llm), copy.deepcopy(qformer))
+    return self._local.pair
+
+  def frames_for(self, video: str, kind: str, epoch: int) -> Video:
+    """This epoch's frames (or feature rows) of `video`: the stored ones resampled with the
+    configured sampler."""
+    n = self.data.frames_moment if kind == MOMENT else self.data.frames_retrieval
+    stored = self.store[video]
+    rng = np.random.default_rng([self.seed, epoch, zlib.crc32(video.encode()), n])
+    idx = frames_lib.sample_indices(len(stored.indices), n, self.sampling, rng)
+    return dataclasses.replace(stored, indices=stored.indices[idx],
+                               **{self.field: getattr(stored, self.field)[idx]})
+
+  def __call__(self, sample: Sample, epoch: int = 0, generation: bool = False) -> dict[str, Any]:
+    """Encodes `sample`, dropping its oldest turns while it is too long (counted)."""
+    while True:
+      try:
+        return self._encode(sample, epoch, generation)
+      except RecordError as e:
+        shorter = _drop_oldest_turn(sample) if sample.num_turns > 1 else None
+        if e.reason not in _SHORTENABLE or shorter is None or not (
+            shorter.supervised or generation):
+          raise
+        sample = shorter
+        self.truncated[e.reason] += 1
+
+  def _encode(self, sample: Sample, epoch: int, generation: bool) -> dict[str, Any]:
+    turns = sample.turns
+    videos: list[VideoKey] = []  # per placeholder
+    loaded: dict[VideoKey, Video] = {}
+    frame_times = []
+    for turn in turns:
+      times = None
+      for video in turn.videos:
+        try:
+          frames = self.frames_for(video, turn.kind, epoch)
+        except KeyError as e:
+          raise MissingVideoError(f"{sample.dialogue.name}, turn text_id {turn.text_id!r}: "
+                                  f"{e.args[0]}") from e
+        key = (video, tuple(frames.indices.tolist()))
+        loaded.setdefault(key, frames)
+        videos.append(key)
+        times = [round(float(t), 1) for t in frames.times]
+      frame_times.append(times if turn.kind == MOMENT else None)
+    if len(loaded) > self.max_videos:
+      raise RecordError("too_many_videos", f"{sample.dialogue.name}: {len(loaded)} videos, more "
+                        f"than {self.max_videos} (largest video table / batch size)")
+    llm_tok, qformer_tok = self.tokenizers()
+    enc = prompt.encode(sample, llm_tok, frame_times, generation=generation,
+                        num_candidates=self.data.num_candidates,
+                        tokens_per_video=[self.layout.tokens_per_video(len(k[1])) for k in videos],
+                        max_len=self.max_len)
+    text = {key: prompt.qformer_text_ids(
+        vf.times, qformer_tok, max_len=self.layout.text_len, pad_to=self.layout.text_len,
+        last_frame_quirk=self.data.qformer_last_frame_quirk, vocab_size=self.qformer_vocab)
+        for key, vf in loaded.items()}
+    return {"encoded": enc, "videos": videos, "frames": loaded, "qformer_text": text,
+            "sample": sample, "qformer_pad": qformer_tok.pad_token_id, "field": self.field,
+            "item_shape": self.item_shape}
+
+
+def _drop_oldest_turn(sample: Sample) -> Sample:
+  """The sample without its first turn (the system prompt stays; supervision shifts)."""
+  d = sample.dialogue
+  shorter = dataclasses.replace(d, turns=d.turns[1:])
+  supervised = tuple(t - 1 for t in sample.supervised if t > 0)
+  return Sample(shorter, sample.num_turns - 1, supervised)
+
+
+def assemble(elements: Sequence[dict[str, Any]], layout: Layout) -> dict[str, np.ndarray]:
+  """One static-shape batch from encoded elements (see the module docstring)."""
+  b = layout.batch_size
+  if len(elements) > b:
+    raise ValueError(f"{len(elements)} elements for batch size {b}")
+  if not elements:
+    raise ValueError("a batch needs at least one element")
+  table: dict[VideoKey, int] = {}
+  frames_of: dict[VideoKey, Video] = {}
+  text_of: dict[VideoKey, tuple[np.ndarray, np.ndarray]] = {}
+  for el in elements:
+    for key in el["videos"]:
+      if key not in table:
+        table[key] = len(table)
+        frames_of[key] = el["frames"][key]
+        text_of[key] = el["qformer_text"][key]
+  v = _bucket(max(len(table), 1), layout.video_buckets,
+              "videos per batch (raise data.video_buckets)")
+  per_video = layout.tokens_per_video(layout.frames)
+
+  rows = []
+  for el in elements:
+    enc: prompt.EncodedSample = el["encoded"]
+    ids, labels, slots, shift = [], [], [], np.zeros(len(enc.input_ids) + 1, np.int64)
+    start = 0
+    for p, key in zip(enc.placeholder_positions, el["videos"], strict=True):
+      ids.append(enc.input_ids[start:p])
+      labels.append(enc.labels[start:p])
+      slots.append(np.full(p - start, -1, np.int32))
+      n = layout.tokens_per_video(len(key[1]))
+      ids.append(np.full(n, enc.input_ids[p], np.int32))
+      labels.append(np.full(n, IGNORE, np.int32))
+      slots.append(table[key] * per_video + np.arange(n, dtype=np.int32))
+      shift[p + 1:] += n - 1
+      start = p + 1
+    ids.append(enc.input_ids[start:])
+    labels.append(enc.labels[start:])
+    slots.append(np.full(len(enc.input_ids) - start, -1, np.int32))
+    rows.append((np.concatenate(ids), np.concatenate(labels), np.concatenate(slots), shift, enc))
+  s = _bucket(max(len(r[0]) for r in rows), layout.seq_buckets, "spliced sequence length")
+
+  out = {
+      "input_ids": np.zeros((b, s), np.int32),
+      "labels": np.full((b, s), IGNORE, np.int32),
+      "video_slot": np.full((b, s), -1, np.int32),
+      "attention_mask": np.zeros((b, s), bool),
+      "position_ids": np.zeros((b, s), np.int32),
+  }
+  k, dmax = layout.max_numbers, layout.max_digits
+  aux = {
+      "index_pos": np.zeros((b, k), np.int32), "index_target": np.ones((b, k), np.int32),
+      "index_valid": np.zeros((b, k), bool),
+      "span_pos": np.zeros((b, k, 2, dmax), np.int32),
+      "span_place": np.zeros((b, k, 2, dmax), np.float32),
+      "span_target": np.zeros((b, k, 2), np.float32), "span_valid": np.zeros((b, k), bool),
+  }
+  for i, (ids, labels, slots, shift, enc) in enumerate(rows):
+    n = len(ids)
+    out["input_ids"][i, :n] = ids
+    out["labels"][i, :n] = labels
+    out["video_slot"][i, :n] = slots
+    out["attention_mask"][i, :n] = True
+    out["position_ids"][i, :n] = np.arange(n)
+    _write_numbers(aux, i, enc.numbers, shift, k, dmax)
+  out.update(aux)
+
+  t, l_ = layout.frames, layout.text_len
+  field = elements[0]["field"]
+  dtype = np.uint8 if field == "frames" else np.float32
+  out[field] = np.zeros((v, t, *elements[0]["item_shape"]), dtype)
+  out["num_frames"] = np.ones((v,), np.int32)
+  out["qformer_text_ids"] = np.full((v, t, l_), elements[0]["qformer_pad"], np.int32)
+  out["qformer_text_mask"] = np.zeros((v, t, l_), bool)
+  for key, row in table.items():
+    vf = frames_of[key]
+    n = len(vf.indices)
+    out[field][row, :n] = getattr(vf, field)
+    out["num_frames"][row] = n
+    ids, mask = text_of[key]
+    out["qformer_text_ids"][row, :n] = ids
+    out["qformer_text_mask"][row, :n] = mask.astype(bool)
+  return out
+
+
+def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], shift: np.ndarray,
+                   k: int, dmax: int) -> None:
+  """Digit positions (in spliced coordinates) of the index and span answers of one sequence."""
+  index = [n for n in numbers if n.role == "index"]
+  spans = collections.defaultdict(dict)
+  for n in numbers:
+    if n.role in ("start", "end"):
+      spans[n.turn][n.role] = n
+  for j, n in enumerate(index[:k]):
+    aux["index_pos"][row, j] = n.positions[0] + shift[n.positions[0]]
+    aux["index_target"][row, j] = int(round(n.value))
+    aux["index_valid"][row, j] = 1 <= n.value <= 10
+  for j, (_, pair) in enumerate(sorted(spans.items())[:k]):
+    if set(pair) != {"start", "end"}:
+      continue
+    for e, role in enumerate(("start", "end")):
+      n = pair[role]
+      if len(n.positions) > dmax:
+        break
+      pos = np.asarray(n.positions) + shift[np.asarray(n.positions)]
+      aux["span_pos"][row, j, e, :len(pos)] = pos
+      aux["span_place"][row, j, e, :len(pos)] = n.places
+      aux["span_target"][row, j, e] = n.value
+    else:
+      aux["span_valid"][row, j] = True
+
+
+class _Elements:
+  """Position -> encoded element, the samples permuted afresh every epoch. A plain object (not a
+  closure) so that grain can pickle it into worker processes."""
+
+  def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, seed: int):
+    self.samples, self.encoder, self.seed = samples, encoder, seed
+    self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), one swap per epoch
+
+  def order(self, epoch: int) -> np.ndarray:
+    cached = self._order
+    if cached is None or cached[0] != epoch:
+      cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples)))
+      self._order = cached
+    return cached[1]
+
+  def __call__(self, i: int) -> dict[str, Any]:
+    epoch, j = divmod(int(i), len(self.samples))
+    return self.encoder(self.samples[int(self.order(epoch)[j])], epoch)
+
+
+def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Layout, *,
+                  seed: int, process_index: int = 0, process_count: int = 1
+                  ) -> grain.IterDataset:
+  """Shuffled (per epoch), repeated, per-host sharded batches; the iterator checkpoints exactly.
+
+  Worker processes: `.mp_prefetch(grain.MultiprocessingOptions(num_workers=k))` on the result
+  (grain spawns them: absl flags must be parsed, and the encoder is pickled into each).
+  """
+  n = len(samples)
+  if n == 0:
+    raise ValueError("no training samples")
+  # Index-addressable and effectively endless: a position is a plain integer (exact resume).
+  ds = grain.MapDataset.range(n * 10**6)[process_index::process_count].map(
+      _Elements(samples, encoder, seed))
+  ds = ds.batch(layout.batch_size, drop_remainder=True,
+                batch_fn=functools.partial(assemble, layout=layout))
+  return ds.to_iter_dataset()

@@ -1,0 +1,108 @@
+"""Annotations + videos -> frame and dialogue stores (the library behind `data_prep.build_stores`).
+
+Every record is validated (`ivcr_jax.data.records`); every referenced video is decoded once
+(`ivcr_jax.data.frames`). Bad records and undecodable videos are reported by name, counted and
+left out; a dialogue that needs a video which failed is left out too. The summary is returned and
+written to `<out>/prep_report.json` last, so its presence marks complete stores, and its `recipe`
+says what they were built from (callers rebuild when it differs from what they need).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from ivcr_jax.data import records, stores, toy_corpus
+
+REPORT_FILE = "prep_report.json"
+DEFAULT_FRAMES = stores.FrameSettings()
+DEFAULT_OPTIONS = records.RecordOptions()
+
+
+def recipe(*, annotations: str | None, video_root: str | None,
+           toy: toy_corpus.ToyCorpusConfig | None, frames: stores.FrameSettings,
+           options: records.RecordOptions) -> dict[str, Any]:
+  """What a set of stores is built from, as plain JSON (compared to decide on a rebuild)."""
+  source = ({"toy": dataclasses.asdict(toy)} if toy is not None
+            else {"annotations": annotations, "video_root": video_root})
+  return json.loads(json.dumps({**source, "frames": dataclasses.asdict(frames),
+                                "options": dataclasses.asdict(options)}))
+
+
+def read_report(out: str) -> dict[str, Any] | None:
+  """The summary of complete stores under `out`, or None."""
+  path = os.path.join(out, REPORT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def build_stores(out: str, *, annotations: str | None = None, video_root: str | None = None,
+                 toy: toy_corpus.ToyCorpusConfig | None = None,
+                 frames: stores.FrameSettings = DEFAULT_FRAMES,
+                 options: records.RecordOptions = DEFAULT_OPTIONS, workers: int = 2,
+                 progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+  """Builds the frame and dialogue stores under `out`; returns the summary it writes.
+
+  Args:
+    annotations, video_root: the IVCR-200K annotation JSON and the directory its video paths are
+      relative to; or
+    toy: a toy corpus to write under `<out>/toy` and build the stores from.
+    frames: how the frame store samples and decodes.
+    options: how records are read (splits to keep, turn limit, ...).
+    overwrite: replace stores already under `out` (TFDS would otherwise keep the old records
+      silently); without it, existing stores are an error.
+  """
+  if (toy is None) == (annotations is None or video_root is None):
+    raise ValueError("give annotations and video_root, or a toy corpus config")
+  existing = [p for p in (stores.FRAME_STORE, stores.DIALOGUE_STORE, REPORT_FILE)
+              if os.path.exists(os.path.join(out, p))]
+  if existing and not overwrite:
+    raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another directory "
+                          "or overwrite")
+  for name in existing:
+    path = os.path.join(out, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  start = time.perf_counter()
+  what = recipe(annotations=annotations, video_root=video_root, toy=toy, frames=frames,
+                options=options)
+  if toy is not None:
+    corpus = toy_corpus.write_toy_corpus(os.path.join(out, "toy"), toy, workers=workers,
+                                         progress=progress)
+    annotations, video_root = corpus.annotations, corpus.video_root
+
+  with open(annotations, encoding="utf-8") as f:
+    raw = json.load(f)
+  # Pass 1: which videos do the structurally valid dialogues need?
+  first, _ = records.read_annotations(raw, options, video_root=video_root)
+  needed = sorted({v for d in first for t in d.turns for v in t.videos})
+  frame_store = stores.write_frame_store(out, needed, video_root, frames, workers=workers,
+                                         progress=progress)
+  # Pass 2: with the decoded durations (spans inside videos, every video available).
+  dialogues, report = records.read_annotations(raw, options, video_root=video_root,
+                                               durations=frame_store.durations)
+  dialogue_store = stores.write_dialogue_store(out, dialogues)
+
+  summary = {
+      "recipe": what, "annotations": annotations, "video_root": video_root,
+      "frame_store": frame_store.path, "dialogue_store": dialogue_store,
+      "videos": {"needed": len(needed), "stored": len(frame_store.videos),
+                 "failed": len(frame_store.failures)},
+      "records": {"total": report.total, "kept": report.kept, "other_split": report.other_split,
+                  "skipped": dict(report.skipped), "notes": dict(report.notes)},
+      "summary": report.summary(),
+      "splits": {s: sum(d.split == s for d in dialogues)
+                 for s in sorted({d.split for d in dialogues})},
+      "messages": report.messages, "video_failures": frame_store.failures,
+      "seconds": round(time.perf_counter() - start, 2)}
+  with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
+    json.dump(summary, f, ensure_ascii=False, indent=1)
+  return summary

@@ -1,0 +1,157 @@
+"""What every entry point builds from a config: tokenizer, data stores, samples, model.
+
+`train`, `evaluate`, `chat` and `export_hf` call these so that a preset means the same thing
+everywhere. Presets whose `data.annotations` is empty (tiny, demo) use the toy corpus, built with
+its stores under the workdir when absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from ivcr_jax.data import prepare, records, stores, toy_corpus
+from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data.pipeline import Layout, SampleEncoder
+from ivcr_jax.models.interllava import InterLLaVA
+
+# Where the official initial weights and the dataset come from (reference §6.3, §4).
+SOURCES = {
+    "eva_vit": "LAVIS: https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/"
+               "BLIP2/eva_vit_g.pth",
+    "instructblip": "LAVIS: https://storage.googleapis.com/sfr-vision-language-research/LAVIS/"
+                    "models/InstructBLIP/instruct_blip_vicuna7b_trimmed.pth",
+    "llama": "Hugging Face meta-llama/Llama-2-7b-chat-hf (licence required; a local directory)",
+    "timechat": "Hugging Face ShuhuaiRen/TimeChat-7b (timechat_7b.pth)",
+    "videollama": "Hugging Face DAMO-NLP-SG/Video-LLaMA-2-7B-Finetuned "
+                  "(VL_LLaMA_2_7B_Finetuned.pth)",
+    "annotations": "IVCR-200K (IVCR-200K.json and the compressed videos; link in the official "
+                   "README at github.com/ivcr200k/ivcr200k.github.io)",
+}
+
+
+class MissingInputsError(FileNotFoundError):
+  """The preset needs local weights or data that are not there; the message says what and how."""
+
+
+def uses_toy_corpus(config: ml_collections.ConfigDict) -> bool:
+  return not config.data.annotations
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Stops at once, before any work, when a real-data preset lacks its files."""
+  if uses_toy_corpus(config):
+    return
+  missing = []
+  if not os.path.isdir(config.data.stores):
+    if not os.path.exists(config.data.annotations):
+      missing.append(f"  data.annotations = {config.data.annotations}\n      get: "
+                     f"{SOURCES['annotations']}")
+    if not os.path.isdir(config.data.video_root):
+      missing.append(f"  data.video_root = {config.data.video_root}\n      get: "
+                     f"{SOURCES['annotations']}")
+    missing.append(f"  data.stores = {config.data.stores}\n      build: python -m "
+                   f"data_prep.build_stores --annotations {config.data.annotations} --video_root "
+                   f"{config.data.video_root} --out {config.data.stores}")
+  w = config.weights
+  if w.init_checkpoint and not os.path.exists(w.init_checkpoint):
+    for name in ("eva_vit", "instructblip", "llama", "timechat", "videollama"):
+      path = w[name]
+      if path and not os.path.exists(path):
+        missing.append(f"  weights.{name} = {path}\n      get: {SOURCES[name]}")
+    missing.append(f"  weights.init_checkpoint = {w.init_checkpoint}\n      build: python -m "
+                   "ivcr_jax.import_weights --config=configs/interllava.py "
+                   f"--out={w.init_checkpoint}")
+  if not config.data.tokenizer or not os.path.isdir(config.data.tokenizer):
+    missing.append(f"  data.tokenizer = {config.data.tokenizer!r} (the Llama-2 directory)")
+  if missing:
+    raise MissingInputsError(
+        f"preset {config.preset!r} trains on the real IVCR-200K data from the official initial "
+        "weights, and these are missing:\n" + "\n".join(missing) + "\nPoint the config at local "
+        "copies (e.g. --config.weights.llama=/path), or try the self-contained demo: python -m "
+        "ivcr_jax.train --config=configs/interllava.py:demo --workdir=/tmp/ivcr_demo")
+
+
+@dataclasses.dataclass
+class Data:
+  """Opened stores, tokenizers and the pieces the pipeline needs."""
+
+  tokenizer: Any
+  qformer_tokenizer: Any
+  frame_store: stores.FrameStore
+  store_dir: str
+  layout: Layout
+
+  def dialogues(self, split: str) -> list[records.Dialogue]:
+    source = stores.DialogueStore(_store_path(self.store_dir, stores.DIALOGUE_STORE), split)
+    return [source[i] for i in range(len(source))]
+
+  def samples(self, split: str, mode: str) -> list[records.Sample]:
+    return records.make_samples(self.dialogues(split), mode)
+
+  def encoder(self, config: ml_collections.ConfigDict, training: bool) -> SampleEncoder:
+    return SampleEncoder(config, self.tokenizer, self.frame_store, training=training,
+                         layout=self.layout, qformer_tokenizer=self.qformer_tokenizer)
+
+
+def _store_path(root: str, name: str) -> str:
+  """The versioned directory of store `name` under `root` (TFDS layout `name/version`)."""
+  path = os.path.join(root, name, stores.STORE_VERSION)
+  if not os.path.isdir(path):
+    raise MissingInputsError(f"no {name} store at {path}; build it with python -m "
+                             "data_prep.build_stores")
+  return path
+
+
+def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+  """Tokenizers and stores of `config`; the toy corpus and its stores are (re)built under
+  `<workdir>/toy_data` when absent or built from other settings."""
+  d = config.data
+  if uses_toy_corpus(config):
+    store_dir = os.path.join(workdir, "toy_data")
+    # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
+    wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
+                                                 size=d.toy_size),
+                  frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all"),
+                  options=records.RecordOptions.from_config(d))
+    built = prepare.read_report(store_dir)
+    if built is None or built.get("recipe") != prepare.recipe(annotations=None, video_root=None,
+                                                              **wanted):
+      logging.info("building the toy corpus and its stores in %s", store_dir)
+      prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
+    tokenizer_dir = d.tokenizer or tokenizer_lib.build_toy_tokenizer(
+        os.path.join(store_dir, "tokenizer"))
+  else:
+    store_dir, tokenizer_dir = d.stores, d.tokenizer
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
+                       if d.qformer_tokenizer else tokenizer)
+  frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
+  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, Layout.from_config(config))
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+  """The `model` section with the LLM vocabulary fitted to the tokenizer (+ the IVCR tokens)."""
+  m = config.model.copy_and_resolve_references()
+  if m.llm.vocab_size != len(tokenizer):
+    logging.info("LLM vocabulary %d -> %d (the tokenizer's)", m.llm.vocab_size, len(tokenizer))
+    with m.unlocked():
+      m.llm.vocab_size = len(tokenizer)
+  return m
+
+
+def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None = None
+                ) -> InterLLaVA:
+  """A randomly initialised InterLLaVA (toy presets) or one from `weights.init_checkpoint`."""
+  model = InterLLaVA(model_config(config, tokenizer), rngs=nnx.Rngs(
+      config.seed if seed is None else seed))
+  if config.weights.init_checkpoint and not uses_toy_corpus(config):
+    raise MissingInputsError(
+        f"loading {config.weights.init_checkpoint}: the initial-weights importer "
+        "(python -m ivcr_jax.import_weights) is not available yet")
+  return model

@@ -1,0 +1,86 @@
+"""The offline LLaMA-style and BERT-style toy tokenizers, and loading with the IVCR tokens."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ivcr_jax.data import tokenizer as toks
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  return toks.build_toy_tokenizer(str(tmp_path_factory.mktemp("llama_tok")))
+
+
+@pytest.fixture(scope="module")
+def tok(llama_dir):
+  return toks.load_tokenizer(llama_dir)
+
+
+def test_llama_layout(tok):
+  assert tok.convert_ids_to_tokens([0, 1, 2, 3, 258]) == ["<unk>", "<s>", "</s>", "<0x00>",
+                                                          "<0xFF>"]
+  assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+  assert tok("hi").input_ids[0] == 1  # BOS with add_special_tokens (Q-Former text, §1.2)
+  assert tok("hi", add_special_tokens=False).input_ids[0] != 1
+
+
+def test_ivcr_tokens_are_added_after_the_vocabulary(tok, llama_dir):
+  base = len(toks.load_plain_tokenizer(llama_dir))
+  ids = tok.convert_tokens_to_ids(list(toks.IVCR_TOKENS))
+  assert ids == list(range(base, base + 5))
+  assert toks.placeholder_id(tok) == base + 4
+  enc = tok("a <VID> 3 </VID> <VIDEO> <VIDEOTOKEN> </VIDEO>", add_special_tokens=False)
+  assert [i for i in enc.input_ids if i >= base] == [ids[0], ids[1], ids[2], ids[4], ids[3]]
+
+
+def test_digits_are_single_tokens_and_words_carry_metaspace(tok):
+  pieces = tok.convert_ids_to_tokens(tok("at 12.5s-120.0s video 10",
+                                         add_special_tokens=False).input_ids)
+  digits = [p for p in pieces if any(ch.isdigit() for ch in p)]
+  assert digits == list("125") + list("1200") + list("10")
+  assert "▁video" in pieces
+
+
+@pytest.mark.parametrize("text", ["The video 3 matches.", "找到一个红色圆形的视频。",
+                                  "emoji 😀 and ünïcode", "line\nbreak  double space"])
+def test_round_trip(tok, text):
+  ids = tok(text, add_special_tokens=False).input_ids
+  assert 0 not in ids  # byte fallback: nothing is <unk>
+  assert tok.decode(ids) == text
+
+
+def test_build_is_cached_and_deterministic(llama_dir, tmp_path):
+  path = os.path.join(llama_dir, "tokenizer.json")
+  before = os.path.getmtime(path)
+  assert toks.build_toy_tokenizer(llama_dir) == llama_dir
+  assert os.path.getmtime(path) == before
+  other = toks.build_toy_tokenizer(str(tmp_path / "again"))
+  digest = lambda p: hashlib.md5(open(p, "rb").read()).hexdigest()
+  assert digest(os.path.join(other, "tokenizer.json")) == digest(path)
+  small = toks.build_toy_tokenizer(str(tmp_path / "again"), vocab_size=600)
+  assert len(toks.load_plain_tokenizer(small)) <= 600
+
+
+def test_bert_tokenizer(tmp_path):
+  bert = toks.load_plain_tokenizer(toks.build_toy_bert_tokenizer(str(tmp_path / "bert")))
+  ids = bert("This frame is sampled at 3.5 second.").input_ids
+  assert ids[0] == bert.cls_token_id and ids[-1] == bert.sep_token_id
+  assert bert.pad_token_id == 0
+  assert bert.decode(ids, skip_special_tokens=True) == "this frame is sampled at 3. 5 second."
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    toks.load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_data_modules_do_not_import_torch_or_tensorflow():
+  code = ("import sys, ivcr_jax, ivcr_jax.data.answers, ivcr_jax.data.records, "
+          "ivcr_jax.data.prompt, ivcr_jax.data.tokenizer, ivcr_jax.data.toy_corpus; "
+          "bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True)
