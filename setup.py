@@ -25,10 +25,11 @@ setup(
         "decord==0.6.0",
         "tqdm",
         "matplotlib==3.11.2",
+        "imageio",
+        "imageio-ffmpeg",
     ],
     extras_require={
         # torch is pinned exactly: 2.13.0 resolves to a local CPU wheel, anything else pulls CUDA.
-        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "imageio", "imageio-ffmpeg",
-                 "nltk==3.10.4"],
+        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "nltk==3.10.4"],
     },
 )

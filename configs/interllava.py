@@ -131,6 +131,7 @@ def _train() -> ml_collections.ConfigDict:
   t.eval_every = 5000  # validation loss every N micro-steps (0: never)
   t.checkpoint_every = 5000
   t.keep_checkpoints = 3
+  t.evaluate_after = False  # generate + score the test split when training ends (demo: on)
   return t
 
 
@@ -208,6 +209,7 @@ def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
   c.weights.init_checkpoint = ""
   c.generation.max_new_tokens = 96  # toy answers are ~40 tokens
   if preset == "demo":  # trained from scratch: there are no pretrained weights to freeze
+    c.train.evaluate_after = True
     m.trainable = ("vit", "qformer", "query_tokens", "frame_position_embedding", "video_qformer",
                    "video_query_tokens", "projection", "llm", "lora")
   c.train.update(dict(num_steps=200, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,

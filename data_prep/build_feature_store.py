@@ -35,6 +35,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if "vit" in config.model.trainable:
+    raise app.UsageError(f"preset {config.preset!r} trains the ViT (model.trainable has 'vit'): "
+                         "stored features would go stale; use a preset with a frozen ViT")
   data = experiment.open_data(config, _WORKDIR.value)
   model = experiment.build_model(config, data.tokenizer)
   result = feature_store.write_feature_store(

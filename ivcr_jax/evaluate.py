@@ -13,15 +13,13 @@ unlike the official script's random sampling and crop (B6).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ivcr_jax import experiment
 from ivcr_jax.evaluation import evaluator
-from ivcr_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/interllava.py", "Config file[:preset] (as used for training).",
@@ -34,33 +32,13 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _MAX = flags.DEFINE_integer("max_dialogues", 0, "Evaluate only the first N dialogues (0: all).")
 
 
-def evaluate(config, workdir: str, *, split: str = "test", history: str = "oracle",
-             step: int | None = None, max_dialogues: int = 0) -> dict:
-  """Library entry (used by the demo training run too); returns the metrics."""
-  experiment.check_inputs(config)
-  data = experiment.open_data(config, workdir)
-  model = experiment.build_model(config, data.tokenizer)
-  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
-  dialogues = data.dialogues(split)
-  if max_dialogues:
-    dialogues = dialogues[:max_dialogues]
-  ev = evaluator.Evaluator(model, data.encoder(config, training=False), data.tokenizer,
-                           config.generation, batch_size=config.train.batch_size)
-  preds = evaluator.evaluate_dialogues(ev, dialogues, history)
-  out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
-  metrics = evaluator.write_outputs(preds, out_dir)
-  metrics["checkpoint_step"] = step
-  logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)
-  return metrics
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   try:
-    metrics = evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
+    metrics = evaluator.run(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
                        history=_HISTORY.value, step=_STEP.value, max_dialogues=_MAX.value)
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)

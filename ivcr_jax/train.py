@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from ivcr_jax import experiment
 from ivcr_jax.data import pipeline
+from ivcr_jax.evaluation import evaluator
 from ivcr_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -83,7 +84,15 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   logging.info("config (%s):\n%s", config.preset, config)
   try:
-    train(config, _WORKDIR.value)
+    result = train(config, _WORKDIR.value)
+    if config.train.evaluate_after:
+      metrics = evaluator.run(config, _WORKDIR.value, split="test")
+      last = result.history[-1] if result.history else {}
+      print(f"step {result.step}: train loss {last.get('loss', float('nan')):.4f}, "
+            f"val loss_lm {last.get('val_loss_lm', float('nan')):.4f}")
+      print("test: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in (
+          "r@1", "r@10", "r@1_iou0.3", "r@1_iou0.5", "r@1_iou0.7", "miou", "bleu4")))
+      print(f"(outputs in {os.path.join(_WORKDIR.value, 'eval', 'test')})")
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)

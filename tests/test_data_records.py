@@ -220,8 +220,12 @@ def test_options_validation():
 
 
 def test_options_from_config(tiny_config):
-  opts = records.RecordOptions.from_config(tiny_config.data, splits=["train"])
-  assert opts.max_turns == 7 and opts.num_candidates == 10 and opts.splits == ("train",)
+  d = tiny_config.data
+  opts = records.RecordOptions.from_config(d, splits=["train"])
+  assert (opts.max_turns, opts.num_candidates, opts.long_dialogues, opts.moment_index_fallback,
+          opts.span_tolerance_s, opts.allow_chat, opts.splits) == (
+      d.max_turns, d.num_candidates, d.long_dialogues, d.moment_index_fallback,
+      d.span_tolerance_s, d.chat_turns, ("train",))
 
 
 def test_sample_modes():

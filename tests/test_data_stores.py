@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep import build_stores
-from ivcr_jax.data import frames, records, stores, toy_corpus
+from ivcr_jax.data import frames, prepare, records, stores, toy_corpus
 
 CFG = toy_corpus.ToyCorpusConfig(num_videos=14, seed=7, size=64)
 
@@ -117,3 +117,35 @@ def test_cli_builds_the_toy_corpus_and_its_stores(tmp_path):
   v = store[spec.path]
   assert v.frames.shape == (spec.num_frames, 32, 32, 3)  # "all": every frame
   assert v.indices.tolist() == list(range(spec.num_frames))
+
+
+def test_library_refuses_to_overwrite_unless_asked(tmp_path):
+  toy = toy_corpus.ToyCorpusConfig(num_videos=12, size=32)
+  every = stores.FrameSettings(size=32, sampling="all")
+  prepare.build_stores(str(tmp_path), toy=toy, frames=every, progress=False)
+  with pytest.raises(FileExistsError, match="already holds"):
+    prepare.build_stores(str(tmp_path), toy=toy, frames=every, progress=False)
+  four = stores.FrameSettings(size=32, num_frames=4, sampling="uniform")
+  report = prepare.build_stores(str(tmp_path), toy=toy, frames=four, progress=False,
+                                overwrite=True)
+  store = stores.FrameStore(report["frame_store"])
+  assert store["toy/v0003.mp4"].frames.shape[0] == 4  # the new records, not TFDS's old ones
+  assert prepare.read_report(str(tmp_path))["recipe"] == prepare.recipe(
+      annotations=None, video_root=None, toy=toy, frames=four, options=records.RecordOptions())
+
+
+def test_open_data_builds_toy_stores_once_per_recipe(tmp_path, tiny_config):
+  from ivcr_jax import experiment
+
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.data.toy_num_videos, cfg.data.toy_size = 12, 32
+  data = experiment.open_data(cfg, str(tmp_path))
+  report = tmp_path / "toy_data" / prepare.REPORT_FILE
+  built = report.stat().st_mtime_ns
+  assert len(data.frame_store) == 12 and len(data.dialogues("train")) > 0
+  experiment.open_data(cfg, str(tmp_path))
+  assert report.stat().st_mtime_ns == built  # reused
+  with cfg.unlocked():
+    cfg.data.toy_num_videos = 13
+  assert len(experiment.open_data(cfg, str(tmp_path)).frame_store) == 13  # rebuilt

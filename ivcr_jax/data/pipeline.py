@@ -13,11 +13,10 @@ fingerprint).
 
 Per batch (`assemble`): collect the batch's distinct sampled videos (video path + frame indices)
 into one table (each encoded once on device), expand every `<VIDEOTOKEN>` into as many slots as
-its video yields embeddings, and write
-`video_slot` (-1 for text, else the row of the flattened `[V * tokens_per_video]` video-embedding
-table), labels, positions and the digit positions of every index/span answer for the aux losses.
-Sequence length and video-table size are rounded up to a few buckets, so the train step compiles
-once per bucket pair, never per batch.
+its video yields embeddings, and write `video_slot` (-1 for text, else the row of the flattened
+`[V * tokens_per_video]` video-embedding table), labels, positions and the digit positions of
+every index/span answer for the aux losses. Sequence length and video-table size are rounded up
+to a few buckets, so the train step compiles once per bucket pair, never per batch.
 """
 
 from __future__ import annotations
@@ -353,12 +352,14 @@ class _Elements:
 
 
 def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Layout, *,
-                  seed: int, process_index: int = 0, process_count: int = 1
-                  ) -> grain.IterDataset:
+                  seed: int, process_index: int = 0, process_count: int = 1,
+                  read_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
   """Shuffled (per epoch), repeated, per-host sharded batches; the iterator checkpoints exactly.
 
-  Worker processes: `.mp_prefetch(grain.MultiprocessingOptions(num_workers=k))` on the result
-  (grain spawns them: absl flags must be parsed, and the encoder is pickled into each).
+  Batches are built ahead by `read_threads` threads, at most `prefetch` of them: grain's default
+  (16 threads, 500 elements) would hold hundreds of full batches of frames in memory. Worker
+  processes: `.mp_prefetch(grain.MultiprocessingOptions(num_workers=k))` on the result (grain
+  spawns them: absl flags must be parsed, and the encoder is pickled into each).
   """
   n = len(samples)
   if n == 0:
@@ -368,4 +369,5 @@ def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Lay
       _Elements(samples, encoder, seed))
   ds = ds.batch(layout.batch_size, drop_remainder=True,
                 batch_fn=functools.partial(assemble, layout=layout))
-  return ds.to_iter_dataset()
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=prefetch))

@@ -88,6 +88,9 @@ class ToyCorpusConfig:
   splits: tuple[tuple[str, float], ...] = (("train", 0.8), ("val", 0.1), ("test", 0.1))
   num_candidates: int = 10
   rank_decay: float = 0.55
+  # Noise of the simulated retriever's scores: 1 ranks look-alike videos (hard negatives) just
+  # below the GT; large values give nearly random distractors (an easier task for tiny models).
+  retriever_noise: float = 1.0
   chinese_fraction: float = 0.1
   chat_turns: bool = True
 
@@ -248,7 +251,7 @@ class _DialogueMaker:
                + len(self.colour_sets[gt] & self.colour_sets[v])
                + len(self.shape_sets[gt] & self.shape_sets[v])
                + 0.5 * (self.specs[gt].background == self.specs[v].background)
-               + self.rng.normal())
+               + self.cfg.retriever_noise * self.rng.normal())
       scores.append((-score, v))
     k = self.cfg.num_candidates
     if len(scores) < k - 1:

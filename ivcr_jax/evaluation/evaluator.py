@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from ivcr_jax import experiment
 from ivcr_jax.data import answers
 from ivcr_jax.data.pipeline import SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
@@ -31,6 +33,7 @@ from ivcr_jax.evaluation import metrics, plots
 from ivcr_jax.evaluation.metrics import TurnResult
 from ivcr_jax.models.generation import generate
 from ivcr_jax.models.interllava import InterLLaVA
+from ivcr_jax.training import trainer
 
 HISTORY_MODES = ("oracle", "interactive")
 
@@ -60,10 +63,11 @@ class Evaluator:
     self._embed = jax.jit(lambda s, b: nnx.merge(graphdef, s).input_embeddings(b))
     self._state = state
 
-  def answer(self, samples: Sequence[Sample]) -> list[tuple[str, str]]:
+  def answer(self, samples: Sequence[Sample], desc: str = "turns") -> list[tuple[str, str]]:
     """(generated text, rendered prompt) for each sample's last turn."""
     out = []
-    for i in range(0, len(samples), self.batch_size):
+    for i in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch",
+                  leave=False):
       chunk = samples[i:i + self.batch_size]
       elements = [self.encoder(s, generation=True) for s in chunk]
       batch = assemble(elements + elements[-1:] * (self.batch_size - len(elements)),
@@ -102,18 +106,18 @@ def evaluate_dialogues(evaluator: Evaluator, dialogues: Sequence[Dialogue], hist
   if history == "oracle":
     items = [(d, t) for d in dialogues for t in range(len(d.turns))]
     samples = [Sample(d, t + 1, ()) for d, t in items]
-    for (d, t), (text, prompt_text) in zip(
-        items, tqdm(evaluator.answer(samples), total=len(samples), desc="oracle turns"),
-        strict=True):
+    for (d, t), (text, prompt_text) in zip(items, evaluator.answer(samples, "oracle turns"),
+                                           strict=True):
       turn = d.turns[t]
       preds.append(Prediction(_result(d, t, text, True), prompt_text,
                               turn.video_id if turn.kind == MOMENT else None))
     return preds
   # Interactive: turn by turn across dialogues, each dialogue rewritten with its own answers.
   current = list(dialogues)
-  for t in tqdm(range(max(len(d.turns) for d in dialogues)), desc="interactive turns"):
+  for t in range(max(len(d.turns) for d in dialogues)):
     active = [i for i, d in enumerate(current) if t < len(d.turns)]
-    outputs = evaluator.answer([Sample(current[i], t + 1, ()) for i in active])
+    outputs = evaluator.answer([Sample(current[i], t + 1, ()) for i in active],
+                               f"interactive turn {t + 1}")
     for i, (text, prompt_text) in zip(active, outputs, strict=True):
       d = current[i]
       turn = d.turns[t]
@@ -159,3 +163,25 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str) -> dict:
   plots.iou_histogram([metrics.iou(r.pred_span, r.gt_span) for r in results if r.kind == "moment"],
                       os.path.join(out_dir, "iou_histogram.png"))
   return out
+
+
+def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
+             step: int | None = None, max_dialogues: int = 0) -> dict:
+  """Restores a run's checkpoint, answers every turn of `split`, writes the outputs under
+  `workdir/eval/<split>[_interactive]` and returns the metrics (the demo's training run calls
+  this too)."""
+  experiment.check_inputs(config)
+  data = experiment.open_data(config, workdir)
+  model = experiment.build_model(config, data.tokenizer)
+  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
+  dialogues = data.dialogues(split)
+  if max_dialogues:
+    dialogues = dialogues[:max_dialogues]
+  ev = Evaluator(model, data.encoder(config, training=False), data.tokenizer,
+                           config.generation, batch_size=config.train.batch_size)
+  preds = evaluate_dialogues(ev, dialogues, history)
+  out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
+  metrics = write_outputs(preds, out_dir)
+  metrics["checkpoint_step"] = step
+  logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)
+  return metrics
