@@ -107,6 +107,7 @@ def _data() -> ml_collections.ConfigDict:
   d.toy_num_videos = 300
   d.toy_seed = 0
   d.toy_size = 64  # frame side of the toy mp4 files (a multiple of 32)
+  d.toy_retriever_noise = 1.0  # 1: look-alike distractors (hard); larger: nearly random ones
   return d
 
 

@@ -40,9 +40,12 @@ def main(argv: list[str]) -> None:
                          "stored features would go stale; use a preset with a frozen ViT")
   data = experiment.open_data(config, _WORKDIR.value)
   model = experiment.build_model(config, data.tokenizer)
-  result = feature_store.write_feature_store(
-      _OUT.value or data.store_dir, data.frame_store, model.vision, dtype=_DTYPE.value,
-      batch_frames=_BATCH_FRAMES.value, overwrite=_OVERWRITE.value)
+  try:
+    result = feature_store.write_feature_store(
+        _OUT.value or data.store_dir, data.frame_store, model.vision, dtype=_DTYPE.value,
+        batch_frames=_BATCH_FRAMES.value, overwrite=_OVERWRITE.value)
+  except FileExistsError as e:
+    raise app.UsageError(f"{e} (--overwrite)") from e
   size = sum(os.path.getsize(os.path.join(result.path, f)) for f in os.listdir(result.path))
   print(f"{len(result.videos)} videos, {size / 2**20:.1f} MiB ({_DTYPE.value}), ViT "
         f"{result.fingerprint[:12]} -> {result.path}\ntrain with "

@@ -15,7 +15,8 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from ivcr_jax.data import prepare, records, stores, toy_corpus
+from ivcr_jax.convert import checkpoint_chain
+from ivcr_jax.data import feature_store, prepare, records, stores, toy_corpus
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
@@ -94,9 +95,18 @@ class Data:
   def samples(self, split: str, mode: str) -> list[records.Sample]:
     return records.make_samples(self.dialogues(split), mode)
 
-  def encoder(self, config: ml_collections.ConfigDict, training: bool) -> SampleEncoder:
+  def encoder(self, config: ml_collections.ConfigDict, training: bool,
+              model: InterLLaVA | None = None) -> SampleEncoder:
+    """The per-sample encoder; `model` is needed with a feature store (`data.features`), whose
+    ViT must be the model's."""
+    fingerprint = None
+    if config.data.features:
+      if model is None:
+        raise ValueError("a feature store needs the model whose ViT it must match")
+      fingerprint = feature_store.vit_fingerprint(model.vision)
     return SampleEncoder(config, self.tokenizer, self.frame_store, training=training,
-                         layout=self.layout, qformer_tokenizer=self.qformer_tokenizer)
+                         layout=self.layout, qformer_tokenizer=self.qformer_tokenizer,
+                         vit_fingerprint=fingerprint)
 
 
 def _store_path(root: str, name: str) -> str:
@@ -116,7 +126,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     store_dir = os.path.join(workdir, "toy_data")
     # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
     wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
-                                                 size=d.toy_size),
+                                                 size=d.toy_size,
+                                                 retriever_noise=d.toy_retriever_noise),
                   frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all"),
                   options=records.RecordOptions.from_config(d))
     built = prepare.read_report(store_dir)
@@ -147,11 +158,21 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections
 
 def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None = None
                 ) -> InterLLaVA:
-  """A randomly initialised InterLLaVA (toy presets) or one from `weights.init_checkpoint`."""
-  model = InterLLaVA(model_config(config, tokenizer), rngs=nnx.Rngs(
-      config.seed if seed is None else seed))
-  if config.weights.init_checkpoint and not uses_toy_corpus(config):
+  """InterLLaVA restored from `weights.init_checkpoint` (the full model that
+  `python -m ivcr_jax.import_weights` writes), or randomly initialised when that is empty.
+
+  The restore is abstract-first: the model is `nnx.eval_shape`d and the checkpoint restored into
+  it, so its random initial weights never exist.
+  """
+  cfg = model_config(config, tokenizer)
+  make = lambda: InterLLaVA(cfg, rngs=nnx.Rngs(config.seed if seed is None else seed))
+  path = config.weights.init_checkpoint
+  if not path:
+    return make()
+  if not os.path.exists(path):
     raise MissingInputsError(
-        f"loading {config.weights.init_checkpoint}: the initial-weights importer "
-        "(python -m ivcr_jax.import_weights) is not available yet")
-  return model
+        f"weights.init_checkpoint = {path} does not exist; build it from the official initial "
+        f"weights with: python -m ivcr_jax.import_weights --config=configs/interllava.py"
+        f"{':' + config.preset if config.preset != 'official' else ''} --out={path}")
+  logging.info("restoring the initial weights from %s", path)
+  return checkpoint_chain.load_init_checkpoint(path, make)

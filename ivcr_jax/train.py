@@ -51,12 +51,12 @@ def train(config, workdir: str) -> trainer.Result:
   data = experiment.open_data(config, workdir)
   model = experiment.build_model(config, data.tokenizer)
   samples = data.samples("train", config.data.sample_mode)
-  encoder = data.encoder(config, training=True)
+  encoder = data.encoder(config, training=True, model=model)
   batches = iter(pipeline.train_dataset(samples, encoder, data.layout, seed=config.seed,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count()))
   val_samples = data.samples("val", config.data.sample_mode)
-  val_encoder = data.encoder(config, training=False)
+  val_encoder = data.encoder(config, training=False, model=model)
 
   def val_batches():
     layout = data.layout

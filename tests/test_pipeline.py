@@ -1,8 +1,10 @@
 """The grain pipeline: splice plan, video table, determinism, resume, aux positions, shortening,
 dialogue-vs-prefix equivalence under a model, feature-store mode, and bad inputs."""
 
+import copy
 import dataclasses
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -52,9 +54,9 @@ def _encoder(env, layout=None, **kwargs):
                                 qformer_tokenizer=env.data.qformer_tokenizer, **kwargs)
 
 
-def _dataset(env, seed, encoder=None):
-  return pipeline.train_dataset(env.samples, encoder or _encoder(env, training=True),
-                                env.data.layout, seed=seed)
+def _dataset(env, seed):
+  return pipeline.train_dataset(env.samples, _encoder(env, training=True), env.data.layout,
+                                seed=seed)
 
 
 def _shared_video_batch(env, encoder):
@@ -173,6 +175,16 @@ def test_iterator_resumes_exactly(env):
   for a, b in zip(expected, _batches(resumed, 2), strict=True):
     _assert_same(a, b)
   assert not np.array_equal(head[0]["input_ids"], expected[0]["input_ids"])
+
+
+def test_worker_processes_give_the_same_batches(env):
+  expected = _batches(iter(_dataset(env, 5)), 3)
+  it = iter(_dataset(env, 5).mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+  try:
+    for a, b in zip(expected, _batches(it, 3), strict=True):
+      _assert_same(a, b)
+  finally:
+    it.close()
 
 
 def test_aux_positions_spell_the_ground_truth(env):
@@ -358,7 +370,7 @@ def test_a_feature_store_of_other_vit_weights_is_refused(env, features):
   with pytest.raises(feature_store.FeatureStoreMismatch, match="not this model's"):
     _encoder(env, feature_store=store,
              vit_fingerprint=feature_store.vit_fingerprint(other.vision))
-  with pytest.raises(feature_store.FeatureStoreMismatch, match="no ViT fingerprint"):
+  with pytest.raises(feature_store.FeatureStoreMismatch, match="needs the model's ViT fingerprint"):
     _encoder(env, feature_store=store)
   trains_vit = env.config.copy_and_resolve_references()
   with trains_vit.unlocked():
@@ -367,5 +379,9 @@ def test_a_feature_store_of_other_vit_weights_is_refused(env, features):
     pipeline.SampleEncoder(trains_vit, env.data.tokenizer, env.data.frame_store, training=True,
                            layout=env.data.layout, feature_store=store,
                            vit_fingerprint=store.fingerprint)
+  other_frames = copy.copy(store)
+  other_frames.frame_settings = dataclasses.replace(store.frame_settings, size=64)
+  with pytest.raises(feature_store.FeatureStoreMismatch, match="another frame store"):
+    _encoder(env, feature_store=other_frames, vit_fingerprint=store.fingerprint)
   with pytest.raises(KeyError, match="toy/missing.mp4"):
     store["toy/missing.mp4"]

@@ -380,13 +380,14 @@ def save_hf_llama(model: Llama, path: str | os.PathLike, *, dtype: str | None = 
                   tokenizer: object | None = None, bos_token_id: int | None = 1,
                   eos_token_id: int | Sequence[int] | None = 2, pad_token_id: int | None = None,
                   generation: Mapping | None = None,
-                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                  max_shard_bytes: int = MAX_SHARD_BYTES, merge_lora: bool = True) -> None:
   """Writes a `LlamaForCausalLM` directory, adapters merged (`W + (alpha/r) B A`).
 
   Args:
     dtype: tensor dtype on disk ("bfloat16", "float16", "float32"; None: the embedding's).
     tokenizer: anything with `save_pretrained(path)` (an HF tokenizer), saved alongside.
     generation: extra `generation_config.json` fields (e.g. the config's `generation`).
+    merge_lora: False writes the base weights alone (the base of a PEFT adapter export).
   """
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
@@ -398,7 +399,7 @@ def save_hf_llama(model: Llama, path: str | os.PathLike, *, dtype: str | None = 
   _write_json(hf_config(llm, dtype=dtype, **tokens), os.path.join(path, "config.json"))
   gen = {k: v for k, v in tokens.items() if v is not None}
   _write_json({**gen, **dict(generation or {})}, os.path.join(path, "generation_config.json"))
-  params = _HostParams(model, merge_lora=True, dtype=np_dtype)
+  params = _HostParams(model, merge_lora=merge_lora, dtype=np_dtype)
   write_safetensors(export_params(llama_rules(model.cfg.depth), params), path,
                     "model", max_shard_bytes=max_shard_bytes)
   if tokenizer is not None:

@@ -163,7 +163,7 @@ def import_params(rules: Sequence[Rule], source: TensorSource, shapes: Mapping[P
       if expected is not None and tuple(tensor.shape) != tuple(expected):
         raise CheckpointError(f"{source.name}: key {key!r} has shape {tuple(tensor.shape)}, "
                               f"expected {tuple(expected)} for {'/'.join(map(str, r.target))}")
-    value = r.transform.to_jax(tensors, shape).astype(dtypes[r.target])
+    value = r.transform.to_jax(tensors, shape).astype(dtypes[r.target], copy=False)
     if r.layer is None:
       out[r.target] = value
     else:

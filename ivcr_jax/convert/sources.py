@@ -27,6 +27,10 @@ class TensorSource(abc.ABC):
   def get(self, key: str) -> np.ndarray:
     """One tensor as a numpy array (a memory-mapped view where the format allows)."""
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    """One tensor's shape; formats that can tell it without reading the data override this."""
+    return tuple(self.get(key).shape)
+
 
 class DictSource(TensorSource):
   """Tensors already in memory (numpy arrays or torch tensors, converted on access)."""
@@ -42,6 +46,9 @@ class DictSource(TensorSource):
 
   def get(self, key):
     return to_numpy(self.tensors[self.prefix + key])
+
+  def shape(self, key):
+    return tuple(np.shape(self.tensors[self.prefix + key]))
 
 
 class SafetensorsSource(TensorSource):
@@ -70,16 +77,24 @@ class SafetensorsSource(TensorSource):
     with safe_open(self.files[key], framework="numpy") as f:
       return f.get_tensor(key)
 
+  def shape(self, key):
+    from safetensors import safe_open
+
+    with safe_open(self.files[key], framework="numpy") as f:
+      return tuple(f.get_slice(key).get_shape())
+
 
 class TorchFileSource(TensorSource):
   """A torch `state_dict` file (`pytorch_model.bin`, `.pt`) or a sharded one through its
   `*.bin.index.json`, loaded with `mmap=True` so tensors are only read when asked for.
 
-  Needs torch (imported here only); bf16 tensors come back widened to float32.
+  Needs torch (imported here only); bf16 tensors come back widened to float32. `key` names the
+  entry of a saved dict that holds the state dict (LAVIS / IVCR checkpoints: "model").
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, key: str | None = None):
     self.name = os.fspath(path)
+    self.key = key
     self.files = _shard_map(self.name)
     self._loaded: dict[str, Mapping[str, object]] = {}
     if self.files is None:
@@ -89,7 +104,13 @@ class TorchFileSource(TensorSource):
     if file not in self._loaded:
       import torch  # torch checkpoints need torch to unpickle
 
-      self._loaded[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+      loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+      if self.key is not None:
+        if not isinstance(loaded, Mapping) or self.key not in loaded:
+          found = list(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
+          raise KeyError(f"{file} has no {self.key!r} entry (found {found})")
+        loaded = loaded[self.key]
+      self._loaded[file] = loaded
     return self._loaded[file]
 
   def keys(self):
@@ -97,6 +118,9 @@ class TorchFileSource(TensorSource):
 
   def get(self, key):
     return to_numpy(self._load(self.files[key])[key])
+
+  def shape(self, key):
+    return tuple(self._load(self.files[key])[key].shape)
 
 
 def directory_source(directory: str | os.PathLike, stem: str = "model") -> TensorSource:

@@ -12,9 +12,10 @@ frames), their frame indices, fps and frame count. Storage type:
 Reads always give float32. A ViT-g/14 video of 64 frames at 224 px is 64 x 257 x 1408 values:
 46 MB in float16, against 9.6 MB of uint8 frames; the store trades disk for ViT compute.
 
-Features are only valid for the ViT they came from: the index records `vit_fingerprint` (a hash
-of the ViT + ln_vision parameters and the settings that change their output), and
-`FeatureStore.check` refuses any other ViT with a message saying how to rebuild.
+Features are only valid for the ViT and the frames they came from: the index records
+`vit_fingerprint` (a hash of the ViT + ln_vision parameters and the settings that change their
+output) and the frame store's settings and videos, and `FeatureStore.check` refuses any other ViT
+or frame store with a message saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -224,16 +225,26 @@ class FeatureStore:
   def __contains__(self, video: str) -> bool:
     return video in self.record_of
 
-  def check(self, fingerprint: str | None) -> None:
-    """Refuses features from another ViT than the one whose `vit_fingerprint` is given."""
+  def check(self, fingerprint: str | None, frame_store: stores.FrameStore) -> None:
+    """Refuses features from another ViT than the one whose `vit_fingerprint` is given, or from
+    another frame store than `frame_store` (other settings or videos)."""
+    if fingerprint is None:
+      raise FeatureStoreMismatch(
+          f"reading the feature store {self.path} needs the model's ViT fingerprint to check it "
+          "against: pass vit_fingerprint=feature_store.vit_fingerprint(model.vision)")
     if fingerprint != self.fingerprint:
-      got = "no ViT fingerprint was given" if fingerprint is None else (
-          f"the model's ViT has fingerprint {fingerprint[:12]}")
       raise FeatureStoreMismatch(
           f"the feature store {self.path} was built from the ViT with fingerprint "
-          f"{self.fingerprint[:12]}, but {got}: its features are not this model's. Rebuild it "
-          "with python -m data_prep.build_feature_store for this model's weights, or train from "
-          "frames (data.features='').")
+          f"{self.fingerprint[:12]}, but the model's ViT has fingerprint {fingerprint[:12]}: its "
+          "features are not this model's. Rebuild it with python -m "
+          "data_prep.build_feature_store for this model's weights, or train from frames "
+          "(data.features='').")
+    if (self.frame_settings != frame_store.settings
+        or self.record_of.keys() != frame_store.record_of.keys()):
+      raise FeatureStoreMismatch(
+          f"the feature store {self.path} was built from another frame store (settings "
+          f"{self.frame_settings} and {len(self)} videos; this one has {frame_store.settings} and "
+          f"{len(frame_store)} videos). Rebuild it with python -m data_prep.build_feature_store.")
 
   def __getitem__(self, video: str) -> VideoFeatures:
     if video not in self.record_of:

@@ -115,7 +115,7 @@ class SampleEncoder:
       if "vit" in config.model.trainable:
         raise ValueError("data.features: this config trains the ViT (model.trainable has 'vit'), "
                          "so stored ViT features would be stale; train from frames")
-      feature_store.check(vit_fingerprint)
+      feature_store.check(vit_fingerprint, frame_store)
       self.store, self.field = feature_store, "features"
       self.item_shape = tuple(feature_store.shape)
     else:

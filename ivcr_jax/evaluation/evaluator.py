@@ -177,7 +177,7 @@ def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
-  ev = Evaluator(model, data.encoder(config, training=False), data.tokenizer,
+  ev = Evaluator(model, data.encoder(config, training=False, model=model), data.tokenizer,
                            config.generation, batch_size=config.train.batch_size)
   preds = evaluate_dialogues(ev, dialogues, history)
   out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
