@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -143,7 +144,9 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
                        if d.qformer_tokenizer else tokenizer)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
-  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, Layout.from_config(config))
+  # Each process assembles its share of the global batch (train.batch_size).
+  layout = Layout.from_config(config, config.train.batch_size // jax.process_count())
+  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, layout)
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
   try:
     checkpoint_chain.import_chain(cfg, w, os.path.abspath(out), seed=config.seed,
                                   overwrite=_OVERWRITE.value)
-  except CheckpointError as e:
+  except (CheckpointError, FileExistsError) as e:
     print(f"import failed: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -85,10 +85,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
   return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def data_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
-  """Sharding of a batch array: leading dim over the `batch` rule's mesh axes."""
-  target = dict(rules).get("batch")
-  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-  axes = tuple(a for a in axes if mesh.shape[a] > 1)
-  lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
-  return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
+  """Sharding of a batch array: leading dim over the `batch` rule's mesh axes (replicated when
+  they do not divide it)."""
+  axes = ("batch",) + (None,) * (len(shape) - 1)
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))

@@ -52,6 +52,9 @@ def train(config, workdir: str) -> trainer.Result:
   model = experiment.build_model(config, data.tokenizer)
   samples = data.samples("train", config.data.sample_mode)
   encoder = data.encoder(config, training=True, model=model)
+  if config.train.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size {config.train.batch_size} is not a multiple of the "
+                     f"{jax.process_count()} processes")
   batches = iter(pipeline.train_dataset(samples, encoder, data.layout, seed=config.seed,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count()))

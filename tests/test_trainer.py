@@ -57,7 +57,7 @@ def _train(cfg, workdir, steps=None, kill_after=None, on_log=None):
   batches = _batches(cfg, model)
   if kill_after is not None:
     batches = KilledAfter(batches, kill_after)
-  val = lambda: [synthetic_batch(cfg, model, seed=1000)]  # noqa: E731
+  val = lambda: [synthetic_batch(cfg, model, seed=1000)]
   return trainer.run(cfg, str(workdir), model, batches, DIGITS, val_batches=val, on_log=on_log)
 
 

@@ -134,10 +134,12 @@ def test_sharded_tower_equals_unsharded(tiny_config):
   state_sh = sharding.state_shardings(state, mesh, cfg.mesh.rules)
   specs = [s.spec for s in jax.tree.leaves(state_sh)]
   assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
-  batch = sharding.data_sharding(mesh, cfg.mesh.rules)
+  batch = [sharding.data_sharding(mesh, cfg.mesh.rules, np.shape(x))
+           for x in (frames, num_frames, ids, mask)]
+  assert batch[0].spec[0] == "fsdp"  # 2 videos over fsdp=2
   with jax.set_mesh(mesh):
     sharded_state = jax.device_put(state, state_sh)
-    got = jax.jit(forward, in_shardings=(state_sh, batch, batch, batch, batch))(
+    got = jax.jit(forward, in_shardings=(state_sh, *batch))(
         sharded_state, frames, num_frames, ids, mask)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=0)

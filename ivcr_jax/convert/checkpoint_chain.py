@@ -276,7 +276,7 @@ def build_initial_model(cfg: ml_collections.ConfigDict, weights: Mapping[str, st
   log(f"initialised {len(shapes) - len(covered)} parameters that no step supplies (seed {seed})")
   for load, present, skipped in checked:
     if isinstance(load, LlamaLoad):
-      llama_hf.load_hf_weights(model.llm, load.path, log=lambda m: log(f"llama: {m}"))
+      llama_hf.load_hf_weights(model.llm, load.path, log=lambda m, s=load.step: log(f"{s}: {m}"))
       continue
     llama_hf.assign_params(model, load.rules(present), load.source, strict=False,
                            log=lambda m, s=load.step: log(f"{s}: {m}"))
@@ -356,6 +356,8 @@ def import_chain(cfg: ml_collections.ConfigDict, weights: Mapping[str, str],
                  log: Log = logging.info) -> InterLLaVA:
   """Runs the chain and writes the full-model checkpoint that `experiment.build_model` loads
   (`weights.init_checkpoint`); returns the model."""
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
   lines: list[str] = []
 
   def record(message: str) -> None:

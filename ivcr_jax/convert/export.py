@@ -231,10 +231,14 @@ def _generation(config: ml_collections.ConfigDict) -> dict:
 # ---------------------------------------------------------------------------------- export
 
 
-def _needs_base(config: ml_collections.ConfigDict) -> bool:
-  """Whether the adapter's base differs from Llama-2 + mean rows (so it must be written)."""
+def llama_source(config: ml_collections.ConfigDict) -> str | None:
+  """The HF LLaMA directory the model's base weights are (plus mean rows for the IVCR tokens),
+  per the init checkpoint's record; None when they are not a checkpoint's (random toy weights,
+  a trained base), in which case the export writes them as the adapter's base."""
   w = config.weights
-  return "llm" in config.model.trainable or not (w.init_checkpoint and w.llama)
+  if "llm" in config.model.trainable or not w.init_checkpoint:
+    return None
+  return checkpoint_chain.read_meta(w.init_checkpoint).get("weights", {}).get("llama")
 
 
 def write_export(model: InterLLaVA, config: ml_collections.ConfigDict, out: str, *,
@@ -248,8 +252,8 @@ def write_export(model: InterLLaVA, config: ml_collections.ConfigDict, out: str,
   llama_hf.save_hf_llama(llm, os.path.join(out, "llm"), tokenizer=tokenizer,
                          generation=_generation(config), **ids)
   log(f"wrote {out}/llm (LlamaForCausalLM, LoRA merged, tokenizer)")
-  base = config.weights.llama
-  if _needs_base(config):
+  base = llama_source(config)
+  if base is None:
     base = os.path.join(out, "llm_base")
     llama_hf.save_hf_llama(llm, base, merge_lora=False, **ids)
     log(f"wrote {base} (the adapter's base: LLaMA weights without LoRA)")
@@ -263,7 +267,8 @@ def write_export(model: InterLLaVA, config: ml_collections.ConfigDict, out: str,
   write_projector(model, out)
   log(f"wrote {out}/vision, qformer, video_qformer, projector.safetensors")
   meta = interllava_config(config, model, tokenizer, step=step,
-                           base="llm_base/" if _needs_base(config) else "Llama-2 + mean rows")
+                           base="llm_base/" if base == os.path.join(out, "llm_base")
+                           else f"{base} + mean rows")
   _write_json(meta, os.path.join(out, "interllava_config.json"))
   if write_official_checkpoint(model, os.path.join(out, "ivcr_official.pth"), log):
     log(f"wrote {out}/ivcr_official.pth (official IVCR layout)")

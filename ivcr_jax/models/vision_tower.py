@@ -37,8 +37,9 @@ class VisionTower(nnx.Module):
       cfg: the `model` section of the config (needs `vit`, `qformer`, `video`, `video_qformer`,
         `llm.hidden`, `dtype`, `param_dtype`, `frozen_param_dtype`).
     """
-    # Frozen: hashable, so the graphdef can be a static `jit` argument (split/merge pattern).
-    self.cfg = ml_collections.FrozenConfigDict(cfg)
+    # Frozen, here and in the submodules it is handed to: hashable, so the graphdef can be a
+    # static `jit` argument (split/merge pattern).
+    cfg = self.cfg = ml_collections.FrozenConfigDict(cfg)
     dtype = jnp.dtype(cfg.dtype)
     param_dtype = jnp.dtype(cfg.param_dtype)
     qcfg, vcfg = cfg.qformer, cfg.video_qformer

@@ -148,7 +148,7 @@ def shardings_of(tree: PyTree) -> PyTree:
 
 def batch_shardings(batch: dict, mesh: jax.sharding.Mesh, rules) -> dict:
   """Every batch array (and the video table) split over the data-parallel axes on its first dim."""
-  return {k: sharding.data_sharding(mesh, rules, np.ndim(v)) for k, v in batch.items()}
+  return {k: sharding.data_sharding(mesh, rules, np.shape(v)) for k, v in batch.items()}
 
 
 def jit_train_step(step: Callable, state: dict, frozen: nnx.State, batch: dict,

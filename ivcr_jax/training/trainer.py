@@ -84,7 +84,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
 
   first = next(train_iter)
   train_step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state,
-                                       frozen, first, mesh, config.mesh.rules)
+                                       frozen, to_global(first, mesh, config.mesh.rules), mesh,
+                                       config.mesh.rules)
   eval_step = jax.jit(step_lib.make_eval_step(split, loss_cfg))
   writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
   key = jax.random.key(config.seed)
@@ -96,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   t0 = time.perf_counter()
   try:
     for i in progress:
-      state, metrics = train_step(state, frozen, batch, key)
+      state, metrics = train_step(state, frozen, to_global(batch, mesh, config.mesh.rules), key)
       pending.append(metrics)
       step = i + 1
       due_log = step % tc.log_every == 0 or step == tc.num_steps
@@ -137,6 +138,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
     ckpt.close()
     writer.close()
   return Result(tc.num_steps, history, state["params"], frozen, split)
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh, rules) -> dict:
+  """Multi-process runs: each process holds its slice of the global batch (per-host data
+  sharding at the source); global arrays are assembled from the process-local pieces."""
+  if jax.process_count() == 1:
+    return batch
+  out = {}
+  for k, v in batch.items():
+    global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(
+        sharding.data_sharding(mesh, rules, global_shape), v, global_shape)
+  return out
 
 
 def evaluate(eval_step: Callable, params: dict, frozen: nnx.State,
