@@ -360,21 +360,11 @@ class Llama(nnx.Module):
     return self.norm(x), KVCache(k, v, valid, cache.index + length)
 
   def _run_layers(self, carry, fn, *, dropout_key: jax.Array | None, remat: bool):
-    """`fn(block, carry, key) -> carry` over the stacked blocks: `lax.scan`, or a Python loop
-    over per-layer slices when `scan_layers` is off (same keys either way)."""
-    depth = self.cfg.depth
-    if self.cfg.get("scan_layers", True):
-      return layers.scan_layers(self.layers, carry, fn, num_layers=depth,
-                                dropout_key=dropout_key, remat=remat)
-    graphdef, state = nnx.split(self.layers)
-    keys = None if dropout_key is None else jax.random.split(dropout_key, depth)
-    step = lambda layer_state, c, key: fn(nnx.merge(graphdef, layer_state), c, key)
-    if remat:
-      step = jax.checkpoint(step, prevent_cse=False)
-    for i in range(depth):
-      layer_state = jax.tree.map(lambda a, i=i: a[i], state)
-      carry = step(layer_state, carry, None if keys is None else keys[i])
-    return carry
+    """`fn(block, carry, key) -> carry` over the stacked blocks (scanned, or unrolled when
+    `scan_layers` is off)."""
+    return layers.scan_layers(self.layers, carry, fn, num_layers=self.cfg.depth,
+                              dropout_key=dropout_key, remat=remat,
+                              unroll=not self.cfg.get("scan_layers", True))
 
   def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
     if (input_ids is None) == (inputs_embeds is None):

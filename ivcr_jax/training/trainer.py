@@ -179,13 +179,6 @@ def digits_of(tokenizer) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-def params_to(model: nnx.Module, result: Result) -> nnx.Module:
-  """`model` with the trained parameters of `result` written back (for evaluation/export)."""
-  trained = result.split.merge(result.params, result.frozen)
-  nnx.update(model, nnx.state(trained))
-  return model
-
-
 def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str, model: nnx.Module,
                  step: int | None = None) -> int:
   """Writes the trainable parameters of a training checkpoint into `model`; returns the step.
