@@ -1,42 +1,12 @@
-"""The answer parser against verbatim copies of the official parsers (reference §3.3, §5.2)."""
+"""The ground-truth answer parser (official `extract_video_numbers_first_only` and
+`extract_time_ranges`, reference §5.2), positions and place values for the loss labels.
 
-import random
-import re
+Generated answers, in both parsing modes, are tested in test_answer_parsing.py.
+"""
 
 import pytest
 
 from ivcr_jax.data import answers
-
-
-# --- official code, copied from metrics/eval.py (reference implementations) ---------------
-def official_extract_video_numbers_first_only(text):
-  pattern = r'(?i)\bvideo\s+(10|[0-9])\b'
-  match = re.search(pattern, text)
-  if match:
-    return int(match.group(1))
-  return None
-
-
-def official_extract_time_ranges(text):
-  pattern = r'(\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s'
-  matches = re.findall(pattern, text)
-  result = []
-  for start_str, end_str in matches:
-    result.extend([float(start_str), float(end_str)])
-  return result
-
-
-def official_extract_time_main_pattern(paragraph):
-  """`extract_time` up to its first pattern (its fallbacks are deliberately not ported)."""
-  prompt = 'A specific example is : 20.8 - 30.0 seconds'.lower()
-  paragraph = paragraph.lower().replace(prompt, '')
-  paragraph = re.sub(r'\.{2,}', '.', paragraph)
-  time_matches = re.findall(r"(\d+\.*\d*)s?\s*-\s*(\d+\.*\d*)s?", paragraph)
-  if not time_matches:
-    return None
-  start, end = float(time_matches[0][0]), float(time_matches[0][1])
-  return [start, end] if end > start else [end, start]
-# ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -52,7 +22,8 @@ def official_extract_time_main_pattern(paragraph):
 ])
 def test_video_index_cases(text, expected):
   assert answers.parse_video_index(text) == expected
-  assert official_extract_video_numbers_first_only(text) == expected
+  found = answers.find_video_index(text)
+  assert (found is None) == (expected is None)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -60,6 +31,8 @@ def test_video_index_cases(text, expected):
     ("from 5s-10s and 1.5s-3.2s", (5.0, 10.0)),
     ("at 20s-12s", (20.0, 12.0)),  # as written; records reject reversed spans
     ("at 12.5 - 20.0 seconds", None),
+    ("at 12.5s - 20.0s", None),  # the ground-truth format has no spaces
+    ("AT 12.5S-20S", None),  # nor capitals
     ("no span here", None),
 ])
 def test_span_strict_cases(text, expected):
@@ -73,26 +46,8 @@ def test_span_strict_cases(text, expected):
     ("at 12..5s-14s", (12.5, 14.0)),
     ("nothing", None),
 ])
-def test_span_lenient_cases(text, expected):
+def test_span_lenient_cases(text, expected):  # lenient: the improved parser of generated text
   assert answers.parse_span(text, lenient=True) == expected
-
-
-def _random_texts(n: int, seed: int):
-  rng = random.Random(seed)
-  words = ["video", "Video", "VIDEO", "videos", " ", "  ", "\n", "s", "-", " - ", ".", "..",
-           "0", "1", "2", "3", "5", "9", "10", "11", "12.5", "3.", "moment", "at", "The", "视频"]
-  for _ in range(n):
-    yield "".join(rng.choice(words) for _ in range(rng.randint(1, 14)))
-
-
-def test_random_texts_match_official():
-  for text in _random_texts(4000, 0):
-    assert answers.parse_video_index(text) == official_extract_video_numbers_first_only(text), text
-    ranges = official_extract_time_ranges(text)
-    assert answers.parse_span(text) == (tuple(ranges[:2]) if ranges else None), text
-    lenient = official_extract_time_main_pattern(text)
-    assert answers.parse_span(text, lenient=True) == (None if lenient is None
-                                                      else tuple(lenient)), text
 
 
 def test_positions_and_place_values():

@@ -1,11 +1,14 @@
-"""Generation-based evaluation end to end on a toy store, and interactive history carry-over."""
+"""Generation-based evaluation end to end on a toy store, interactive history carry-over, and the
+official parsing and denominator options."""
 
+import dataclasses
 import json
 
 import pytest
 
 from configs.interllava import get_config
 from ivcr_jax import experiment
+from ivcr_jax.data import prepare
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Sample
 from ivcr_jax.evaluation import evaluator
 
@@ -61,4 +64,66 @@ def test_interactive_history_follows_the_models_choice(toy_run):
   assert moved.turns[1].video_id == d.turns[0].candidates[wrong - 1]
   assert moved.turns[1].video_index == wrong
   kept = evaluator._carry_forward(d, 0, "I cannot tell.")  # unparsable: the video stays
+  assert kept.turns[1].video_id == d.turns[1].video_id
+
+
+def test_official_parsing_and_denominators_reach_metrics_json(toy_run):
+  cfg, data, model, workdir = toy_run
+  dialogues = data.dialogues("test")[:2]
+  ev = evaluator.Evaluator(model, data.encoder(cfg, training=False), data.tokenizer,
+                           cfg.generation, batch_size=2)
+  preds = evaluator.evaluate_dialogues(ev, dialogues, "oracle", official_parsing=True)
+  turns = sum(len(d.turns) for d in dialogues)
+  assert ev.stats["turns"] == turns and ev.stats["new_tokens"] >= turns
+  den = evaluator.load_official_denominators(cfg, data.store_dir, "test")
+  with open(prepare.read_report(data.store_dir)["annotations"], encoding="utf-8") as f:
+    raw = [r for r in json.load(f) if r["split"] == "test"]
+  gpt = [c for r in raw for c in r["conversations"] if c["from"] == "gpt"]
+  assert den.video == sum(c["gt_se"] == [-1, -1] for c in gpt)
+  assert den.moment == sum(c["gt_se"] not in (None, [-1, -1]) for c in gpt)
+  assert den.chat == sum(c["gt_se"] is None for c in gpt)
+  out = evaluator.write_outputs(preds, str(workdir / "official"), official_parsing=True,
+                                denominators=den)
+  saved = json.loads((workdir / "official" / "metrics.json").read_text())
+  assert saved["parsing"] == "official" and out["parsing"] == "official"
+  assert saved["denominators"]["mode"] == "official"
+  assert (saved["denominators"]["video"], saved["denominators"]["moment"]) == (den.video,
+                                                                               den.moment)
+  assert saved["counts"]["video_turns"] + saved["counts"]["moment_turns"] <= den.video + den.moment
+
+
+def test_missing_annotations_for_official_denominators(toy_run, tmp_path):
+  cfg, _, _, _ = toy_run
+  with pytest.raises(experiment.MissingInputsError, match="official denominators"):
+    evaluator.load_official_denominators(cfg, str(tmp_path), "test")
+
+
+def _moment_dialogue(data):
+  d = next(x for x in data.dialogues("train") if len(x.turns) >= 2
+           and x.turns[0].kind == RETRIEVAL and x.turns[1].kind == MOMENT)
+  # An answer span that differs from gt_se within the readers' tolerance shows which is the GT.
+  start, end = d.turns[1].gt_span
+  answer = f"In video {d.turns[1].video_index}, it happens at {start + 0.5}s-{end}s."
+  turns = (d.turns[0], dataclasses.replace(d.turns[1], answer=answer))
+  return dataclasses.replace(d, turns=turns)
+
+
+def test_turn_results_in_both_parsing_modes(toy_run):
+  _, data, _, _ = toy_run
+  d = _moment_dialogue(data)
+  start, end = d.turns[1].gt_span
+  text = "video 3 - 12.5s-20.0s"
+  improved = evaluator._result(d, 1, text, True, official_parsing=False)
+  official = evaluator._result(d, 1, text, True, official_parsing=True)
+  assert improved.pred_span == (12.5, 20.0) and improved.gt_span == (start, end)
+  assert official.pred_span == (3.0, 12.5) and official.gt_span == (start + 0.5, end)
+  assert evaluator._result(d, 1, "no idea", True, True).pred_span is None  # official [[0, 0]]
+  assert evaluator._result(d, 1, text, False, False).pred_span is None  # wrong video
+  assert evaluator._result(d, 0, "Video3 matches", True, False).pred_index == 3
+  assert evaluator._result(d, 0, "Video3 matches", True, True).pred_index is None
+  assert evaluator._result(d, 0, "video 0 or video 2", True, True).pred_index is None
+  assert evaluator._result(d, 0, "video 0 or video 2", True, False).pred_index == 2
+  moved = evaluator._carry_forward(d, 0, "Video3 matches", official_parsing=False)
+  assert moved.turns[1].video_id == d.turns[0].candidates[2]
+  kept = evaluator._carry_forward(d, 0, "Video3 matches", official_parsing=True)
   assert kept.turns[1].video_id == d.turns[1].video_id

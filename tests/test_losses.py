@@ -61,6 +61,19 @@ def _span_logits(digits_start, digits_end, confidence):
   return jnp.asarray(logits), positions
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_index_correct_is_greedy_restricted_decoding(seed):
+  logits = jax.random.normal(jax.random.key(seed), (1, 6, VOCAB)) * 3
+  pos = jnp.array([[3]])
+  first = int(jnp.argmax(logits[0, 2, DIGITS[1:]])) + 1
+  p_next = jax.nn.softmax(logits[0, 3])
+  ten = float(p_next[DIGITS[0]]) > 1.0 - float(p_next[DIGITS].sum())
+  greedy = 10 if first == 1 and ten else first
+  right = [bool(losses.index_correct(logits, pos, jnp.array([[n]]), DIGITS)[0, 0])
+           for n in range(1, 11)]
+  assert right == [n == greedy for n in range(1, 11)]
+
+
 def test_span_loss_is_zero_when_digits_are_certain_and_right():
   # "12.5s-20.0s": digits 1,2,5 with place values 10,1,0.1; 2,0,0 likewise.
   logits, (ps, pe) = _span_logits([1, 2, 5], [2, 0, 0], confidence=60.0)
@@ -69,9 +82,7 @@ def test_span_loss_is_zero_when_digits_are_certain_and_right():
   target = jnp.array([[[12.5, 20.0]]])
   value = losses.soft_numbers(logits, digit_pos, place, DIGITS)
   np.testing.assert_allclose(np.asarray(value), [[[12.5, 20.0]]], atol=1e-4)
-  total, count = losses.moment_loss(logits, digit_pos, place, target, DIGITS,
-                                    jnp.array([[True]]))
-  assert int(count) == 1 and float(total) < 1e-4
+  assert float(losses.span_loss(value, target)[0, 0]) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["iou", "giou", "diou"])
@@ -92,9 +103,9 @@ def test_aux_losses_have_gradients_through_the_logits():
   def aux(logits):
     lv, _ = losses.index_loss(logits, jnp.array([[2]]), jnp.array([[7]]), DIGITS,
                               jnp.array([[True]]))
-    lc, _ = losses.moment_loss(logits, jnp.array([[[[5, 6], [8, 9]]]]),
-                               jnp.array([[[[1.0, 0.1], [1.0, 0.1]]]]), jnp.array([[[3.0, 6.0]]]),
-                               DIGITS, jnp.array([[True]]))
+    soft = losses.soft_numbers(logits, jnp.array([[[[5, 6], [8, 9]]]]),
+                               jnp.array([[[[1.0, 0.1], [1.0, 0.1]]]]), DIGITS)
+    lc = losses.span_loss(soft, jnp.array([[[3.0, 6.0]]]), "giou")[0, 0]
     return 0.01 * lv + 0.01 * lc
 
   g = jax.grad(aux)(logits)

@@ -69,3 +69,68 @@ def test_compute_reports_counts_and_per_turn(tmp_path):
   hist = plots.iou_histogram([0.75, 0.0], str(tmp_path / "iou.png"))
   for path in (bars, hist):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_video_and_moment_turns_count():
+  """The official script never scores its first VR and first VMR sample (B11); we do."""
+  results = [
+      TurnResult("d1", 1, "video", "video 3", "video 3", gt_index=3, pred_index=3),
+      TurnResult("d1", 2, "moment", "1s-5s", "1s-5s", gt_span=(1, 5), pred_span=(1, 5)),
+  ]
+  out = metrics.compute(results)
+  assert out["r@1"] == 1.0 and out["counts"]["r@1_hits"] == 1
+  assert out["r@1_iou0.7"] == 1.0 and out["counts"]["iou0.7_hits"] == 1
+  assert out["denominators"] == {"mode": "evaluated", "video": 1, "moment": 1}
+  official = metrics.compute(results, denominators=metrics.Denominators(1, 1, {1: (1, 0),
+                                                                               2: (0, 1)}))
+  assert official["r@1"] == 1.0 and official["r@1_iou0.7"] == 1.0
+
+
+def _gpt(gt_se, value="answer"):
+  return {"from": "gpt", "value": value, "gt_se": gt_se}
+
+
+HUMAN = {"from": "human", "value": "question", "text_id": 0}
+RECORDS = [
+    {"split": "test", "type": [2], "conversations": [HUMAN, _gpt([-1, -1]), HUMAN, _gpt([1, 5])]},
+    {"split": "test", "type": [7], "conversations": [HUMAN, _gpt([-1, -1]), HUMAN,
+                                                     _gpt([2.5, 4.0])]},
+    {"split": "test", "type": [0], "conversations": [HUMAN, _gpt([-1, -1])]},  # excluded
+    {"split": "train", "type": [1], "conversations": [HUMAN, _gpt([-1, -1])]},  # other split
+    {"split": "test", "type": [5], "conversations": [HUMAN, _gpt([-1, -1]), HUMAN, _gpt(None),
+                                                     HUMAN, _gpt([-1, -1])]},
+    "not a record",
+]
+
+
+def test_official_denominators_count_every_gpt_turn_of_the_split():
+  den = metrics.official_denominators(RECORDS, "test", source="ann.json")
+  assert (den.video, den.moment, den.chat, den.source) == (4, 2, 1, "ann.json")
+  assert dict(den.per_turn) == {1: (3, 0), 2: (0, 2), 3: (1, 0)}
+  assert metrics.official_denominators(RECORDS, "train").video == 1
+
+
+def test_official_denominators_count_unevaluated_turns_as_misses():
+  den = metrics.official_denominators(RECORDS, "test", source="ann.json")
+  results = _results()[:4]  # 2 video turns (1 hit), 2 moment turns (1 with IoU 0.75) at turns 1-2
+  out = metrics.compute(results, denominators=den)
+  assert out["r@1"] == pytest.approx(1 / 4) and out["r@10"] == pytest.approx(1 / 4)
+  assert out["r@1_iou0.7"] == pytest.approx(1 / 2) and out["miou"] == pytest.approx(0.75 / 2)
+  assert out["counts"]["video_turns"] == 2 and out["counts"]["r@1_hits"] == 1
+  assert out["denominators"] == {"mode": "official", "video": 4, "moment": 2,
+                                 "chat_excluded": 1, "source": "ann.json"}
+  rows = out["per_turn"]
+  assert (rows[0]["video_turns"], rows[0]["moment_turns"]) == (3, 0)
+  assert (rows[0]["video_evaluated"], rows[0]["moment_evaluated"]) == (2, 0)
+  assert rows[0]["r@1"] == pytest.approx(1 / 3) and rows[1]["r@1_iou0.5"] == 0.5
+  assert (rows[2]["video_turns"], rows[2]["video_evaluated"], rows[2]["r@1"]) == (1, 0, 0.0)
+  assert "| video / moment turns | 3 / 0 | 0 / 2 | 1 / 0 |" in metrics.per_turn_markdown(rows)
+  evaluated = metrics.compute(results)
+  assert evaluated["r@1"] == 0.5 and evaluated["denominators"]["video"] == 2
+
+
+def test_official_denominators_below_the_evaluated_turns_are_refused():
+  with pytest.raises(ValueError, match="below the evaluated turns"):
+    metrics.compute(_results(), denominators=metrics.Denominators(1, 5, {1: (2, 0), 2: (0, 2)}))
+  with pytest.raises(ValueError, match="at turn 2"):
+    metrics.compute(_results(), denominators=metrics.Denominators(5, 5, {1: (2, 0), 2: (0, 1)}))

@@ -9,14 +9,21 @@ History modes:
 
 Prompts are rendered by the same `prompt.encode` as training (generation mode: they end at
 " [/INST]"), videos are spliced by the same `assemble`, and answers are parsed by
-`ivcr_jax.data.answers`, the parser the loss labels use.
+`ivcr_jax.data.answers`, the module the loss labels use.
+
+Parsing (`official_parsing`): by default generated answers are read by the improved parser and
+moment turns are scored against `gt_se`; the official mode reads them with the official parsers,
+bugs included, and takes the ground-truth span from the answer text as the official script does
+(`extract_time_ranges`). Denominators (`official_denominators`): see `metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -26,7 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ivcr_jax import experiment
-from ivcr_jax.data import answers
+from ivcr_jax.data import answers, prepare
 from ivcr_jax.data.pipeline import SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
 from ivcr_jax.evaluation import metrics, plots
@@ -49,8 +56,18 @@ def _kind(turn) -> str:
   return {RETRIEVAL: "video", MOMENT: "moment", CHAT: "chat"}[turn.kind]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _input_embeddings(graphdef: nnx.GraphDef, state: nnx.State, batch: dict) -> jax.Array:
+  """Module-level, so that evaluators of the same model graph share the compiled program."""
+  return nnx.merge(graphdef, state).input_embeddings(batch)
+
+
 class Evaluator:
-  """Batched, jit-compiled greedy (or sampled) answers for evaluation turns."""
+  """Batched, jit-compiled greedy (or sampled) answers for evaluation turns.
+
+  `stats` accumulates what `answer` did: turns answered, new tokens generated (EOS included,
+  padding rows of a last partial batch excluded) and wall seconds (compilation included).
+  """
 
   def __init__(self, model: InterLLaVA, encoder: SampleEncoder, tokenizer, generation_cfg, *,
                batch_size: int):
@@ -59,12 +76,12 @@ class Evaluator:
     self.tokenizer = tokenizer
     self.gen = generation_cfg
     self.batch_size = batch_size
-    graphdef, state = nnx.split(model)
-    self._embed = jax.jit(lambda s, b: nnx.merge(graphdef, s).input_embeddings(b))
-    self._state = state
+    self._graphdef, self._state = nnx.split(model)
+    self.stats = {"turns": 0, "new_tokens": 0, "seconds": 0.0}
 
   def answer(self, samples: Sequence[Sample], desc: str = "turns") -> list[tuple[str, str]]:
     """(generated text, rendered prompt) for each sample's last turn."""
+    start = time.perf_counter()
     out = []
     for i in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch",
                   leave=False):
@@ -72,7 +89,7 @@ class Evaluator:
       elements = [self.encoder(s, generation=True) for s in chunk]
       batch = assemble(elements + elements[-1:] * (self.batch_size - len(elements)),
                        self.encoder.layout)
-      embeds = self._embed(self._state, batch)
+      embeds = _input_embeddings(self._graphdef, self._state, batch)
       gen = generate(self.model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                      max_new_tokens=self.gen.max_new_tokens,
                      eos_token_id=self.tokenizer.eos_token_id, do_sample=self.gen.do_sample,
@@ -81,25 +98,34 @@ class Evaluator:
       for j, el in enumerate(elements):
         text = self.tokenizer.decode(tokens[j, :lengths[j]], skip_special_tokens=True).strip()
         out.append((text, el["encoded"].text))
+      self.stats["new_tokens"] += int(lengths[:len(elements)].sum())
+    self.stats["turns"] += len(samples)
+    self.stats["seconds"] += time.perf_counter() - start
     return out
 
 
-def _result(dialogue: Dialogue, t: int, text: str, video_ok: bool) -> TurnResult:
+def _result(dialogue: Dialogue, t: int, text: str, video_ok: bool, official_parsing: bool
+            ) -> TurnResult:
   turn = dialogue.turns[t]
   kind = _kind(turn)
-  pred_index = answers.parse_video_index(text) if kind == "video" else None
-  pred_span = answers.parse_span(text, lenient=True) if kind == "moment" and video_ok else None
+  pred_index = answers.predicted_index(text, official=official_parsing) if kind == "video" else None
+  pred_span = (answers.predicted_span(text, official=official_parsing)
+               if kind == "moment" and video_ok else None)
+  gt_span = None
+  if kind == "moment":  # the official script reads the span of the answer text
+    gt_span = answers.parse_span(turn.answer) if official_parsing else turn.gt_span
   return TurnResult(
       dialogue_id=str(dialogue.index), turn=t + 1, kind=kind, reference=turn.answer,
       prediction=text, gt_index=turn.video_index if kind == "video" else None,
       pred_index=pred_index if pred_index is not None and 1 <= pred_index <= 10 else None,
       gt_in_candidates=turn.video_id in turn.candidates if kind == "video" else True,
-      gt_span=turn.gt_span if kind == "moment" else None, pred_span=pred_span)
+      gt_span=gt_span, pred_span=pred_span)
 
 
-def evaluate_dialogues(evaluator: Evaluator, dialogues: Sequence[Dialogue], history: str
-                       ) -> list[Prediction]:
-  """Answers every turn of `dialogues` under `history` mode."""
+def evaluate_dialogues(evaluator: Evaluator, dialogues: Sequence[Dialogue], history: str, *,
+                       official_parsing: bool = False) -> list[Prediction]:
+  """Answers every turn of `dialogues` under `history` mode; `official_parsing` picks the parser
+  of the generated answers (and of the model's choice carried forward in interactive mode)."""
   if history not in HISTORY_MODES:
     raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
   preds: list[Prediction] = []
@@ -109,7 +135,7 @@ def evaluate_dialogues(evaluator: Evaluator, dialogues: Sequence[Dialogue], hist
     for (d, t), (text, prompt_text) in zip(items, evaluator.answer(samples, "oracle turns"),
                                            strict=True):
       turn = d.turns[t]
-      preds.append(Prediction(_result(d, t, text, True), prompt_text,
+      preds.append(Prediction(_result(d, t, text, True, official_parsing), prompt_text,
                               turn.video_id if turn.kind == MOMENT else None))
     return preds
   # Interactive: turn by turn across dialogues, each dialogue rewritten with its own answers.
@@ -122,28 +148,31 @@ def evaluate_dialogues(evaluator: Evaluator, dialogues: Sequence[Dialogue], hist
       d = current[i]
       turn = d.turns[t]
       video_ok = turn.kind != MOMENT or turn.video_id == dialogues[i].turns[t].video_id
-      preds.append(Prediction(_result(dialogues[i], t, text, video_ok), prompt_text,
-                              turn.video_id if turn.kind == MOMENT else None))
-      current[i] = _carry_forward(d, t, text)
+      preds.append(Prediction(_result(dialogues[i], t, text, video_ok, official_parsing),
+                              prompt_text, turn.video_id if turn.kind == MOMENT else None))
+      current[i] = _carry_forward(d, t, text, official_parsing)
   return preds
 
 
-def _carry_forward(d: Dialogue, t: int, text: str) -> Dialogue:
+def _carry_forward(d: Dialogue, t: int, text: str, official_parsing: bool = False) -> Dialogue:
   """`d` with turn t's answer replaced by the model's, and a following moment turn pointed at
   the candidate the model chose."""
   turns = list(d.turns)
   turns[t] = dataclasses.replace(turns[t], answer=text)
   nxt = t + 1
   if (turns[t].kind == RETRIEVAL and nxt < len(turns) and turns[nxt].kind == MOMENT):
-    k = answers.parse_video_index(text)
+    k = answers.predicted_index(text, official=official_parsing)
     cands = turns[t].candidates
     if k is not None and 1 <= k <= len(cands):
       turns[nxt] = dataclasses.replace(turns[nxt], video_id=cands[k - 1], video_index=k)
   return dataclasses.replace(d, turns=tuple(turns))
 
 
-def write_outputs(preds: Sequence[Prediction], out_dir: str) -> dict:
-  """predictions.jsonl, metrics.json, per_turn.md and the PNG plots under `out_dir`."""
+def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing: bool = False,
+                  denominators: metrics.Denominators | None = None) -> dict:
+  """predictions.jsonl, metrics.json, per_turn.md and the PNG plots under `out_dir`.
+
+  metrics.json says which parser and which denominators (with their counts) made the figures."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
     for p in preds:
@@ -154,9 +183,10 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str) -> dict:
           "parsed_span": r.pred_span, "gt_answer": r.reference, "gt_index": r.gt_index,
           "gt_span": r.gt_span}, ensure_ascii=False) + "\n")
   results = [p.result for p in preds]
-  out = metrics.compute(results)
+  out = metrics.compute(results, denominators=denominators)
+  out["parsing"] = "official" if official_parsing else "improved"
   with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=1)
+    json.dump(out, f, indent=1, ensure_ascii=False)
   with open(os.path.join(out_dir, "per_turn.md"), "w", encoding="utf-8") as f:
     f.write(metrics.per_turn_markdown(out["per_turn"]))
   plots.per_turn_bars(out["per_turn"], os.path.join(out_dir, "per_turn.png"))
@@ -165,23 +195,49 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str) -> dict:
   return out
 
 
+def load_official_denominators(config, store_dir: str, split: str) -> metrics.Denominators:
+  """The official counts from the annotation file the stores were built from (else
+  `data.annotations`)."""
+  report = prepare.read_report(store_dir) or {}
+  path = report.get("annotations") or config.data.annotations
+  if not path or not os.path.exists(path):
+    raise experiment.MissingInputsError(
+        f"official denominators count the turns of the annotation file, which is not there "
+        f"({path!r}; from {store_dir}/{prepare.REPORT_FILE} or data.annotations)")
+  with open(path, encoding="utf-8") as f:
+    return metrics.official_denominators(json.load(f), split, source=path)
+
+
 def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
-             step: int | None = None, max_dialogues: int = 0) -> dict:
+        step: int | None = None, max_dialogues: int = 0, official_parsing: bool | None = None,
+        official_denominators: bool | None = None) -> dict:
   """Restores a run's checkpoint, answers every turn of `split`, writes the outputs under
   `workdir/eval/<split>[_interactive]` and returns the metrics (the demo's training run calls
-  this too)."""
+  this too). `official_parsing` / `official_denominators` default to `config.evaluation`'s."""
+  ev_cfg = config.evaluation
+  official_parsing = ev_cfg.official_parsing if official_parsing is None else official_parsing
+  if official_denominators is None:
+    official_denominators = ev_cfg.official_denominators
   experiment.check_inputs(config)
   data = experiment.open_data(config, workdir)
+  denominators = None
+  if official_denominators:
+    denominators = load_official_denominators(config, data.store_dir, split)
+    if max_dialogues:
+      logging.warning("official denominators count every %s turn, but only %d dialogues are "
+                      "evaluated: the figures are lower bounds", split, max_dialogues)
   model = experiment.build_model(config, data.tokenizer)
   step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
   ev = Evaluator(model, data.encoder(config, training=False, model=model), data.tokenizer,
-                           config.generation, batch_size=config.train.batch_size)
-  preds = evaluate_dialogues(ev, dialogues, history)
+                 config.generation, batch_size=config.train.batch_size)
+  preds = evaluate_dialogues(ev, dialogues, history, official_parsing=official_parsing)
   out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
-  metrics = write_outputs(preds, out_dir)
-  metrics["checkpoint_step"] = step
+  out = write_outputs(preds, out_dir, official_parsing=official_parsing,
+                      denominators=denominators)
+  out["checkpoint_step"] = step
+  out["generation"] = dict(ev.stats)
   logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)
-  return metrics
+  return out

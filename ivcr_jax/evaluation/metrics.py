@@ -2,9 +2,17 @@
 
 Inputs are per-turn results whose answers are already parsed (by `ivcr_jax.data.answers`, the
 one parser shared with the loss labels and the chat). Every figure comes with the counts behind
-it. Denominators (ours): R@1 and R@10 over the evaluated video-retrieval turns, the IoU metrics
-and mIoU over the evaluated moment-retrieval turns, BLEU-4 over every evaluated assistant turn;
-an unparsable prediction is a miss (IoU 0), never dropped.
+it, and unlike the official script (B11) the first retrieval and the first moment turn count.
+
+Denominators:
+- default (ours): R@1 and R@10 over the evaluated video-retrieval turns, the IoU metrics and mIoU
+  over the evaluated moment-retrieval turns; an unparsable prediction is a miss (IoU 0), never
+  dropped.
+- official (`Denominators`, reference §5.2): every assistant turn of the split's dialogues with
+  type != [0] in the annotation file, evaluated or not (dialogues the reader or the official
+  no-zero filter dropped, turns past the turn limit): those count as misses, so the figures are
+  end to end, retriever failures included.
+BLEU-4 is always over the evaluated assistant turns.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import collections
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 
@@ -91,16 +99,63 @@ def _ratio(hits: float, count: int) -> float:
   return hits / count if count else 0.0
 
 
-def compute(results: Sequence[TurnResult], max_turn: int = 7) -> dict:
-  """All metrics with their counts, plus the per-turn table (turns 1..`max_turn`)."""
+@dataclasses.dataclass(frozen=True)
+class Denominators:
+  """The official script's turn counts (see the module docstring), read from the annotations.
+
+  per_turn: assistant turn index (1-based) -> (video-retrieval turns, moment turns).
+  chat: natural-dialogue turns (`gt_se` null, our schema extension), counted in neither; the
+    official loop would count them as moment turns, but its data has none.
+  """
+
+  video: int
+  moment: int
+  per_turn: Mapping[int, tuple[int, int]]
+  chat: int = 0
+  source: str = ""
+
+
+def official_denominators(records: Iterable, split: str = "test", source: str = ""
+                          ) -> Denominators:
+  """Counts every gpt turn of the `split` records whose type is not [0], as `cal_reslut` and
+  `cal_multi_reslut` do: `gt_se == [-1, -1]` is video retrieval, any other span a moment."""
+  video = moment = chat = 0
+  per_turn: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
+  for record in records:
+    if (not isinstance(record, Mapping) or record.get("split") != split
+        or record.get("type") == [0]):
+      continue
+    for position, conv in enumerate(record.get("conversations") or []):
+      if not isinstance(conv, Mapping) or conv.get("from") != "gpt":
+        continue
+      gt_se = conv.get("gt_se")
+      if gt_se is None:
+        chat += 1
+        continue
+      is_video = gt_se == [-1, -1]
+      video += is_video
+      moment += not is_video
+      per_turn[position // 2 + 1][0 if is_video else 1] += 1
+  return Denominators(video, moment, {t: (v, m) for t, (v, m) in sorted(per_turn.items())},
+                      chat, source)
+
+
+def compute(results: Sequence[TurnResult], max_turn: int = 7,
+            denominators: Denominators | None = None) -> dict:
+  """All metrics with their counts, plus the per-turn table (turns 1..`max_turn`).
+
+  Args:
+    denominators: the official counts; None divides by the evaluated turns.
+  """
   video = [r for r in results if r.kind == "video"]
   moment = [r for r in results if r.kind == "moment"]
+  n_video, n_moment = _checked(len(video), len(moment), denominators)
   ious = [iou(r.pred_span, r.gt_span) for r in moment]
   r1_hits = sum(r.pred_index is not None and r.pred_index == r.gt_index for r in video)
   out = {
-      "r@1": _ratio(r1_hits, len(video)),
-      "r@10": _ratio(sum(r.gt_in_candidates for r in video), len(video)),
-      "miou": _ratio(sum(ious), len(ious)),
+      "r@1": _ratio(r1_hits, n_video),
+      "r@10": _ratio(sum(r.gt_in_candidates for r in video), n_video),
+      "miou": _ratio(sum(ious), n_moment),
       "bleu4": corpus_bleu4([bleu_tokens(r.reference) for r in results],
                             [bleu_tokens(r.prediction) for r in results]),
       "counts": {
@@ -110,26 +165,52 @@ def compute(results: Sequence[TurnResult], max_turn: int = 7) -> dict:
           "moment_unparsed": sum(r.pred_span is None for r in moment),
           "chat_turns": sum(r.kind == "chat" for r in results), "all_turns": len(results),
       },
+      "denominators": {"mode": "evaluated" if denominators is None else "official",
+                       "video": n_video, "moment": n_moment},
   }
+  if denominators is not None:
+    out["denominators"].update(chat_excluded=denominators.chat, source=denominators.source)
   for t in IOU_THRESHOLDS:
     hits = sum(v >= t for v in ious)
-    out[f"r@1_iou{t}"] = _ratio(hits, len(ious))
+    out[f"r@1_iou{t}"] = _ratio(hits, n_moment)
     out["counts"][f"iou{t}_hits"] = hits
-  out["per_turn"] = per_turn(results, max_turn)
+  out["per_turn"] = per_turn(results, max_turn, denominators)
   return out
 
 
-def per_turn(results: Sequence[TurnResult], max_turn: int = 7) -> list[dict]:
-  """The paper's Table 4: per assistant-turn index, R@1 and R@1 at each IoU threshold."""
+def _checked(n_video: int, n_moment: int, denominators: Denominators | None,
+             turn: int | None = None) -> tuple[int, int]:
+  """The (video, moment) denominators to use, overall or for one turn index; official counts
+  below the evaluated ones mean the annotation file is not the one the dialogues came from."""
+  if denominators is None:
+    return n_video, n_moment
+  video, moment = ((denominators.video, denominators.moment) if turn is None
+                   else denominators.per_turn.get(turn, (0, 0)))
+  if video < n_video or moment < n_moment:
+    where = "in all" if turn is None else f"at turn {turn}"
+    raise ValueError(f"official denominators {where} ({video} video, {moment} moment turns) are "
+                     f"below the evaluated turns ({n_video}, {n_moment}): is "
+                     f"{denominators.source or 'the annotation file'} the file the evaluated "
+                     "dialogues came from?")
+  return video, moment
+
+
+def per_turn(results: Sequence[TurnResult], max_turn: int = 7,
+             denominators: Denominators | None = None) -> list[dict]:
+  """The paper's Table 4: per assistant-turn index, R@1 and R@1 at each IoU threshold.
+
+  `video_turns` / `moment_turns` are the denominators used, `*_evaluated` the turns scored."""
   rows = []
   for turn in range(1, max_turn + 1):
     video = [r for r in results if r.turn == turn and r.kind == "video"]
     moment = [iou(r.pred_span, r.gt_span) for r in results if r.turn == turn and r.kind == "moment"]
-    row = {"turn": turn, "video_turns": len(video), "moment_turns": len(moment),
+    n_video, n_moment = _checked(len(video), len(moment), denominators, turn)
+    row = {"turn": turn, "video_turns": n_video, "moment_turns": n_moment,
+           "video_evaluated": len(video), "moment_evaluated": len(moment),
            "r@1": _ratio(sum(r.pred_index == r.gt_index and r.pred_index is not None
-                             for r in video), len(video))}
+                             for r in video), n_video)}
     for t in IOU_THRESHOLDS:
-      row[f"r@1_iou{t}"] = _ratio(sum(v >= t for v in moment), len(moment))
+      row[f"r@1_iou{t}"] = _ratio(sum(v >= t for v in moment), n_moment)
     rows.append(row)
   return rows
 

@@ -70,6 +70,24 @@ def index_log_prob(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Ar
   return log_q1 + second
 
 
+def index_correct(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Array,
+                  digit_ids: jax.Array) -> jax.Array:
+  """Whether greedy decoding restricted to the legal indices gives the target, `[B, K]` bool.
+
+  A teacher-forced R@1: the first digit is the arg max over "1".."9"; after a "1", "10" wins when
+  "0" is likelier than any terminator. The second step is only known when the ground truth's
+  first digit is "1", which is exactly when it matters for being right.
+  """
+  first_logits = _predicting(logits, first_digit_pos)[..., digit_ids[1:]]
+  first = jnp.argmax(first_logits, axis=-1) + 1
+  logp_second = _predicting(logits, first_digit_pos + 1)
+  p_digits = jnp.exp(jax.nn.logsumexp(logp_second[..., digit_ids], axis=-1))
+  says_ten = jnp.exp(logp_second[..., digit_ids[0]]) > 1.0 - p_digits
+  right_first = first == jnp.where(target == 10, 1, target)
+  right_second = jnp.where(target == 10, says_ten, jnp.where(target == 1, ~says_ten, True))
+  return right_first & right_second
+
+
 def index_loss(logits, first_digit_pos, target, digit_ids, valid) -> tuple[jax.Array, jax.Array]:
   """L_V summed over valid retrieval answers `[B, K]`, and their count."""
   nll = -index_log_prob(logits, first_digit_pos, target, digit_ids)
@@ -101,10 +119,3 @@ def span_loss(pred: jax.Array, target: jax.Array, kind: str = "iou") -> jax.Arra
     centre = ((start + end) - (gs + ge)) / 2.0
     return 1.0 - (iou - centre**2 / jnp.maximum(hull, 1e-6) ** 2)
   raise ValueError(f"unknown span loss {kind!r}; choose iou, giou or diou")
-
-
-def moment_loss(logits, digit_pos, place, target, digit_ids, valid, kind: str = "iou"
-                ) -> tuple[jax.Array, jax.Array]:
-  """L_C summed over valid moment answers `[B, K]`, and their count."""
-  losses = span_loss(soft_numbers(logits, digit_pos, place, digit_ids), target, kind)
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)

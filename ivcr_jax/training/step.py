@@ -51,19 +51,31 @@ def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
   metrics = {"loss_lm": lm, "tokens": lm_count}
   total = lm
   digits = jnp.asarray(np.asarray(cfg.digit_ids, np.int32))
-  if cfg.alpha and "index_pos" in batch:
-    v_sum, v_count = losses.index_loss(logits, batch["index_pos"], batch["index_target"], digits,
-                                       batch["index_valid"])
-    lv = v_sum / jnp.maximum(v_count, 1)
-    total = total + cfg.alpha * lv
-    metrics.update(loss_index=lv, index_items=v_count)
-  if cfg.beta and "span_pos" in batch:
-    c_sum, c_count = losses.moment_loss(logits, batch["span_pos"], batch["span_place"],
-                                        batch["span_target"], digits, batch["span_valid"],
-                                        cfg.span_loss)
-    lc = c_sum / jnp.maximum(c_count, 1)
-    total = total + cfg.beta * lc
-    metrics.update(loss_span=lc, span_items=c_count)
+  if "index_pos" in batch:
+    valid = batch["index_valid"]
+    count = jnp.sum(valid)
+    correct = losses.index_correct(logits, batch["index_pos"], batch["index_target"], digits)
+    metrics.update(index_acc=jnp.sum(correct & valid) / jnp.maximum(count, 1), index_items=count)
+    if cfg.alpha:
+      v_sum, _ = losses.index_loss(logits, batch["index_pos"], batch["index_target"], digits,
+                                   valid)
+      lv = v_sum / jnp.maximum(count, 1)
+      total = total + cfg.alpha * lv
+      metrics["loss_index"] = lv
+  if "span_pos" in batch:
+    valid = batch["span_valid"]
+    count = jnp.sum(valid)
+    soft = losses.soft_numbers(logits, batch["span_pos"], batch["span_place"], digits)
+
+    def mean(x):
+      return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(count, 1)
+
+    metrics.update(span_iou=mean(1.0 - losses.span_loss(soft, batch["span_target"], "iou")),
+                   span_items=count)
+    if cfg.beta:
+      lc = mean(losses.span_loss(soft, batch["span_target"], cfg.span_loss))
+      total = total + cfg.beta * lc
+      metrics["loss_span"] = lc
   metrics["loss"] = total
   return total, metrics
 

@@ -158,7 +158,8 @@ def evaluate(eval_step: Callable, params: dict, frozen: nnx.State,
   """Token-weighted validation losses over `batches`."""
   total: dict[str, float] = {}
   weight: dict[str, float] = {}
-  counts = {"loss_lm": "tokens", "loss_index": "index_items", "loss_span": "span_items"}
+  counts = {"loss_lm": "tokens", "loss_index": "index_items", "loss_span": "span_items",
+            "index_acc": "index_items", "span_iou": "span_items"}
   for batch in batches:
     m = _host(eval_step(params, frozen, batch))
     for loss, count in counts.items():
