@@ -39,6 +39,9 @@ def _model() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype (official: fp16 autocast)
   m.param_dtype = "float32"  # trainable (master) weights
   m.frozen_param_dtype = "bfloat16"  # frozen ViT and LLaMA base weights
+  # Parts ("vision", "llm") whose dense kernels are drawn with std 1/sqrt(fan_in) instead of the
+  # official modules' 0.02; only matters when training from scratch (see layers.fan_in_init).
+  m.fan_in_init = ()
 
   m.vit = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
@@ -79,6 +82,16 @@ def _data() -> ml_collections.ConfigDict:
   d.frames_moment = 64  # frames of a moment-retrieval video
   d.sample_train = "rand"  # official random per-interval sampling with its fallback
   d.sample_eval = "uniform"  # deterministic evaluation (the official eval is random, B6)
+  # How the frame store was decoded (data_prep.build_stores --resize; checked against the store):
+  # "squash" to size x size (official decord call, aspect ratio not kept) | "shorter_side_crop"
+  # (shorter side to size, centre crop).
+  d.resize_mode = "squash"
+  # Training augmentation on the host (before CLIP normalisation): one random resized crop per
+  # video, shared by its frames, bicubic back to the ViT size, seeded by (seed, epoch, video).
+  # Official: always on, in evaluation too (B6); here evaluation never crops.
+  d.random_resized_crop = False
+  d.crop_scale = (0.5, 1.0)  # area fraction (official AlproVideoTrainProcessor)
+  d.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio (official: torchvision's default)
   d.num_candidates = 10
   # Records (ivcr_jax.data.records). "" annotations: the toy corpus (demo, tests).
   d.annotations = ""  # IVCR-200K annotation JSON
@@ -162,6 +175,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weights = _weights()
   c.generation = ml_collections.ConfigDict(dict(
       max_new_tokens=1024, do_sample=False, temperature=0.6, top_p=0.9, seed=42))
+  c.evaluation = ml_collections.ConfigDict(dict(
+      official_parsing=False, official_denominators=False))
   c.mesh = ml_collections.ConfigDict(dict(
       axes=("data", "fsdp", "tensor"),
       shape=(1, -1, 1),  # -1: all remaining devices
@@ -211,6 +226,7 @@ def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
   c.generation.max_new_tokens = 96  # toy answers are ~40 tokens
   if preset == "demo":  # trained from scratch: there are no pretrained weights to freeze
     c.train.evaluate_after = True
+    m.fan_in_init = ("vision",)
     m.trainable = ("vit", "qformer", "query_tokens", "frame_position_embedding", "video_qformer",
                    "video_query_tokens", "projection", "llm", "lora")
   c.train.update(dict(num_steps=200, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,

@@ -6,7 +6,8 @@
 The data and the model are opened exactly as `python -m ivcr_jax.train` with the same config and
 workdir opens them (`ivcr_jax.experiment`): the frame store of `data.stores` (toy presets:
 `<workdir>/toy_data`) and the model's own ViT weights. Then train with the printed
-`--config.data.features=...`; a store from other ViT weights is refused there.
+`--config.data.features=...`; a store from other ViT weights is refused there. An interrupted
+build resumes when the same command is run again (finished shards are kept).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _OUT = flags.DEFINE_string("out", "", "Directory for the feature store (default:
 _DTYPE = flags.DEFINE_enum("dtype", "float16", feature_store.STORAGE_DTYPES,
                            "Storage type of the features (reads give float32).")
 _BATCH_FRAMES = flags.DEFINE_integer("batch_frames", 64, "Frames per ViT call.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing feature store.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing feature store (of other "
+                                "weights or frames; one of these is reused or resumed).")
 
 
 def main(argv: list[str]) -> None:

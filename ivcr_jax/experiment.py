@@ -129,7 +129,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
                                                  size=d.toy_size,
                                                  retriever_noise=d.toy_retriever_noise),
-                  frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all"),
+                  frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all",
+                                                resize=d.resize_mode),
                   options=records.RecordOptions.from_config(d))
     built = prepare.read_report(store_dir)
     if built is None or built.get("recipe") != prepare.recipe(annotations=None, video_root=None,

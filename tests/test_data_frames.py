@@ -91,3 +91,107 @@ def test_bad_videos_raise_video_error_naming_the_file(tmp_path, corpus):
   empty.write_bytes(b"")
   with pytest.raises(frames.VideoError, match="empty.mp4"):
     frames.load_video(str(empty), num_frames=4, size=32)
+
+
+def _pattern(height: int, width: int, num_frames: int) -> np.ndarray:
+  """Smooth moving colour waves: a wrong scale or a one-pixel shift shows, codecs keep them."""
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+  out = [np.stack([128 + 100 * np.sin(2 * np.pi * (xx + 2 * k) / 41),
+                   128 + 100 * np.cos(2 * np.pi * (yy - k) / 37),
+                   255 * (xx + yy) / (height + width)], -1) for k in range(num_frames)]
+  return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def non_square(tmp_path_factory):
+  """Landscape, portrait and 3:2 mp4 files (sides multiples of 16, as the writer wants)."""
+  root = tmp_path_factory.mktemp("non_square")
+  paths = {}
+  for height, width in [(96, 160), (160, 96), (64, 96)]:
+    paths[height, width] = str(root / f"v{height}x{width}.mp4")
+    toy_corpus.write_mp4(paths[height, width], _pattern(height, width, 12), fps=10)
+  return paths
+
+
+@pytest.mark.parametrize("shape,size", [((96, 160), 64), ((160, 96), 64), ((64, 96), 32)])
+def test_shorter_side_crop_equals_resize_then_centre_crop(non_square, shape, size):
+  from PIL import Image
+
+  path = non_square[shape]
+  got = frames.load_video(path, num_frames=6, size=size, resize="shorter_side_crop")
+  assert got.frames.shape == (6, size, size, 3) and got.frames.dtype == np.uint8
+  # Reference: native frames, resized (PIL bicubic) to the shorter side, then the centre crop.
+  native = decord.VideoReader(path).get_batch(got.indices.tolist()).asnumpy()
+  height, width = frames.shorter_side_size(*shape, size)
+  assert min(height, width) == size and abs(width / height - shape[1] / shape[0]) < 0.02
+  resized = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC))
+                      for f in native]).astype(np.int64)
+  top, left = round((height - size) / 2), round((width - size) / 2)
+  errors = {(dy, dx): np.abs(got.frames - resized[:, top + dy:top + dy + size,
+                                                  left + dx:left + dx + size]).mean()
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if 0 <= top + dy <= height - size and 0 <= left + dx <= width - size}
+  assert errors[0, 0] < 4.5  # scaler kernels and chroma differ a little
+  assert min(errors, key=errors.get) == (0, 0)  # the centre, not a pixel off
+  # Squash (the default) is another picture: the whole frame, aspect ratio not kept.
+  squash = frames.load_video(path, num_frames=6, size=size)
+  assert np.array_equal(squash.frames, decord.VideoReader(path, width=size, height=size)
+                        .get_batch(got.indices.tolist()).asnumpy())
+  assert np.abs(squash.frames - resized[:, top:top + size, left:left + size]).mean() > 20
+
+
+def test_decord_width_quirk_is_worked_around(non_square):
+  """decord cannot resize this video to width 48 (shorter side 32 of 96x64); one pixel wider
+  works and the crop is unchanged but for half a pixel."""
+  path = non_square[64, 96]
+  with pytest.raises(decord.DECORDError):
+    decord.VideoReader(path, width=48, height=32).get_batch([0])
+  assert frames.load_video(path, num_frames=2, size=32,
+                           resize="shorter_side_crop").frames.shape == (2, 32, 32, 3)
+
+
+def test_resize_errors(non_square):
+  with pytest.raises(ValueError, match="resize must be one of"):
+    frames.load_video(non_square[96, 160], num_frames=2, size=32, resize="stretch")
+
+
+def test_random_resized_crop_box_follows_torchvision():
+  rng = np.random.default_rng(0)
+  boxes = np.array([frames.random_resized_crop_box(224, 224, (0.5, 1.0), (3 / 4, 4 / 3), rng)
+                    for _ in range(2000)])
+  top, left, h, w = boxes.T
+  assert (top >= 0).all() and (left >= 0).all() and (top + h <= 224).all() and (
+      left + w <= 224).all()
+  area = h * w / 224**2
+  # Uniform in the scale range, less the large non-square crops that do not fit (redrawn).
+  assert area.min() > 0.49 and area.max() <= 1.0
+  assert np.quantile(area, 0.05) < 0.53 and np.quantile(area, 0.95) > 0.9
+  ratio = w / h
+  assert ratio.min() > 0.74 and ratio.max() < 1.35
+  assert ((ratio > 1.1).mean() > 0.2) and ((ratio < 0.9).mean() > 0.2)  # log-uniform both ways
+  assert len({tuple(b) for b in boxes}) > 1000
+  again = np.random.default_rng(0)
+  assert frames.random_resized_crop_box(224, 224, (0.5, 1.0), (3 / 4, 4 / 3), again) == tuple(
+      boxes[0])
+  # No allowed crop (an area larger than the frame): the centre crop at the nearest ratio.
+  assert frames.random_resized_crop_box(100, 300, (2.0, 3.0), (3 / 4, 4 / 3), rng) == (
+      0, 83, 100, 133)
+  assert frames.random_resized_crop_box(64, 64, (2.0, 3.0), (3 / 4, 4 / 3), rng) == (0, 0, 64, 64)
+
+
+@pytest.mark.parametrize("box,size", [((20, 30, 190, 170), (224, 224)), ((0, 0, 32, 32), (32, 32)),
+                                      ((5, 3, 11, 29), (32, 48))])
+def test_resized_crop_equals_torch_bicubic(box, size):
+  """The official `RandomResizedCropVideo` resize: torch bicubic, align_corners=False, on floats."""
+  torch = pytest.importorskip("torch")
+  clip = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), np.uint8)
+  got = frames.resized_crop(clip, box, size)
+  assert got.shape == (3, *size, 3) and got.dtype == np.uint8
+  top, left, h, w = box
+  crop = torch.from_numpy(clip[:, top:top + h, left:left + w].astype(np.float32))
+  want = torch.nn.functional.interpolate(crop.permute(0, 3, 1, 2), size=size, mode="bicubic",
+                                         align_corners=False).permute(0, 2, 3, 1).numpy()
+  want = np.clip(np.rint(want), 0, 255)
+  assert np.abs(got - want).max() <= 1 and (got == want).mean() > 0.99
+  if box[2:] == size:
+    assert np.array_equal(got, clip[:, :32, :32])  # same size: the crop itself

@@ -53,6 +53,14 @@ def _results():
   ]
 
 
+def test_retriever_r1_is_the_candidate_lists_own_top1():
+  results = [TurnResult("a", 1, "video", "video 1", "video 2", gt_index=1, pred_index=2),
+             TurnResult("b", 1, "video", "video 4", "video 4", gt_index=4, pred_index=4),
+             TurnResult("c", 1, "video", "video 1", "video 1", gt_index=1, pred_index=1)]
+  out = metrics.compute(results)
+  assert out["retriever_r@1"] == pytest.approx(2 / 3) and out["r@1"] == pytest.approx(2 / 3)
+
+
 def test_compute_reports_counts_and_per_turn(tmp_path):
   out = metrics.compute(_results())
   assert out["r@1"] == 0.5 and out["r@10"] == 0.5

@@ -318,6 +318,80 @@ def test_frame_store_of_another_size_is_refused(env):
                            layout=env.data.layout)
 
 
+def test_frame_store_of_another_resize_mode_is_refused(env):
+  config = env.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.resize_mode = "shorter_side_crop"
+  with pytest.raises(ValueError, match="decoded with resize 'squash'.*--resize shorter_side_crop"):
+    pipeline.SampleEncoder(config, env.data.tokenizer, env.data.frame_store, training=True,
+                           layout=env.data.layout)
+
+
+def _cropping(env, **kwargs):
+  config = env.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.random_resized_crop = True
+  return pipeline.SampleEncoder(config, env.data.tokenizer, env.data.frame_store,
+                                layout=env.data.layout,
+                                qformer_tokenizer=env.data.qformer_tokenizer, **kwargs)
+
+
+def test_random_resized_crop_one_box_per_video_in_training_only(env):
+  from ivcr_jax.data import frames as frames_lib
+
+  plain, crop = _encoder(env, training=True), _cropping(env, training=True)
+  sample = next(s for s in env.samples if len({v for t in s.turns for v in t.videos}) >= 5)
+  boxes = {}
+  for epoch in (0, 1):
+    el, ref = crop(sample, epoch), plain(sample, epoch)
+    assert el["videos"] == [(v, i, el["videos"][k][2]) for k, (v, i, _) in enumerate(ref["videos"])]
+    for key, vf in el["frames"].items():
+      video, indices, box = key
+      stored = ref["frames"][(video, indices, ())]
+      assert vf.frames.shape == stored.frames.shape and vf.frames.dtype == np.uint8
+      np.testing.assert_array_equal(vf.indices, stored.indices)
+      # Every frame is the same box of its stored frame, resized back to the ViT size.
+      np.testing.assert_array_equal(
+          vf.frames, frames_lib.resized_crop(stored.frames, box, stored.frames.shape[1:3]))
+      size = vf.frames.shape[1:3]
+      for t in (0, len(vf.frames) - 1):
+        np.testing.assert_array_equal(
+            vf.frames[t], frames_lib.resized_crop(stored.frames[t:t + 1], box, size)[0])
+      boxes[epoch, video] = box
+  videos = {v for _, v in boxes}
+  assert len({boxes[0, v] for v in videos}) > 1  # other videos, other boxes
+  assert any(boxes[0, v] != boxes[1, v] for v in videos)  # other epochs, other boxes
+  el = crop(sample, 0)  # a function of (seed, epoch, video)
+  assert all(boxes[0, k[0]] == k[2] for k in el["videos"])
+  # Never in evaluation.
+  evaluation = _cropping(env, training=False)(sample, 0)
+  assert all(k[2] == () for k in evaluation["videos"])
+  for key, vf in evaluation["frames"].items():
+    np.testing.assert_array_equal(vf.frames, _encoder(env)(sample)["frames"][key].frames)
+
+
+def test_cropped_batches_are_deterministic_and_resume_exactly(env):
+  def dataset(seed):
+    return pipeline.train_dataset(env.samples, _cropping(env, training=True), env.data.layout,
+                                  seed=seed)
+
+  it = iter(dataset(2))
+  _batches(it, 1)
+  state = it.get_state()
+  expected = _batches(it, 2)
+  again = _batches(iter(dataset(2)), 3)[1:]
+  resumed = iter(dataset(2))
+  resumed.set_state(state)
+  for a, b, c in zip(expected, again, _batches(resumed, 2), strict=True):
+    _assert_same(a, b)
+    _assert_same(a, c)
+  plain = _batches(iter(_dataset(env, 2)), 3)[1:]
+  for a, b in zip(expected, plain, strict=True):
+    _assert_same({k: v for k, v in a.items() if k != "frames"},
+                 {k: v for k, v in b.items() if k != "frames"})
+    assert not np.array_equal(a["frames"], b["frames"])
+
+
 @pytest.fixture(scope="module")
 def features(env, tmp_path_factory):
   """Feature stores of the model's ViT, in every storage type."""
@@ -379,6 +453,8 @@ def test_a_feature_store_of_other_vit_weights_is_refused(env, features):
     pipeline.SampleEncoder(trains_vit, env.data.tokenizer, env.data.frame_store, training=True,
                            layout=env.data.layout, feature_store=store,
                            vit_fingerprint=store.fingerprint)
+  with pytest.raises(ValueError, match="random_resized_crop needs frames"):
+    _cropping(env, training=True, feature_store=store, vit_fingerprint=store.fingerprint)
   other_frames = copy.copy(store)
   other_frames.frame_settings = dataclasses.replace(store.frame_settings, size=64)
   with pytest.raises(feature_store.FeatureStoreMismatch, match="another frame store"):

@@ -15,7 +15,8 @@ Reads always give float32. A ViT-g/14 video of 64 frames at 224 px is 64 x 257 x
 Features are only valid for the ViT and the frames they came from: the index records
 `vit_fingerprint` (a hash of the ViT + ln_vision parameters and the settings that change their
 output) and the frame store's settings and videos, and `FeatureStore.check` refuses any other ViT
-or frame store with a message saying how to rebuild.
+or frame store with a message saying how to rebuild. The store is written shard by shard like the
+frame store (`stores.write_video_store`): an interrupted build resumes.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data import stores
 
 FEATURE_STORE = "ivcr_features"
@@ -44,18 +44,11 @@ class FeatureStoreMismatch(ValueError):
   """The feature store was built from another ViT than the model's."""
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoFeatures:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VideoFeatures(frames_lib.SampledVideo):
   """A video's ViT features, the counterpart of `frames.VideoFrames`."""
 
   features: np.ndarray  # [T, N, W] float32
-  indices: np.ndarray  # [T] int32, frame numbers in the video
-  fps: float
-  num_video_frames: int
-
-  @property
-  def times(self) -> np.ndarray:
-    return self.indices / self.fps
 
 
 def vit_fingerprint(vision) -> str:
@@ -85,7 +78,7 @@ def _features_spec(num_tokens: int, width: int, dtype: str):
       "features": f.Tensor(shape=(None, num_tokens, width), dtype=stored,
                            encoding=f.Encoding.BYTES),
       "frame_indices": f.Tensor(shape=(None,), dtype=np.int32),
-      "fps": stores._float64(()),
+      "fps": stores.float64_feature(()),
       "num_video_frames": f.Scalar(dtype=np.int32)})
 
 
@@ -118,7 +111,7 @@ def _encoded(videos: list[str], frame_store: stores.FrameStore, encode, batch_fr
       yield video, vf, flat[:n]
       rows_out, num_out = ([flat[n:]] if len(flat) > n else []), len(flat) - n
 
-  for video, vf in zip(videos, stores._ordered_map(frame_store.__getitem__, videos, 2),
+  for video, vf in zip(videos, stores.ordered_map(frame_store.__getitem__, videos, 2),
                        strict=True):
     waiting.append((video, vf))
     frames_in.append(vf.frames)
@@ -134,15 +127,18 @@ class FeatureStoreResult:
   path: str  # the versioned store directory
   videos: list[str]
   fingerprint: str
+  shards_reused: int  # finished by an interrupted earlier build
 
 
 def write_feature_store(out_dir: str, frame_store: stores.FrameStore, vision, *,
                         dtype: str = "float16", batch_frames: int = 64, progress: bool = True,
+                        shard_videos: int = stores.SHARD_VIDEOS,
                         overwrite: bool = False) -> FeatureStoreResult:
   """Encodes every stored frame of `frame_store` with `vision.encode_frames` (a `VisionTower`,
   jitted, `batch_frames` images per call) into a feature store under `out_dir`.
 
-  An existing store there is an error unless `overwrite` (TFDS would silently keep it).
+  Resumes an interrupted build of the same ViT, dtype and frame store; a store of anything else
+  there is an error unless `overwrite` (see `stores.write_video_store`).
   """
   import jax
   import jax.numpy as jnp
@@ -156,11 +152,6 @@ def write_feature_store(out_dir: str, frame_store: stores.FrameStore, vision, *,
     raise ValueError(f"the frame store holds {size} px frames but the ViT takes "
                      f"{cfg.vit.image_size} px; rebuild the frame store with --size "
                      f"{cfg.vit.image_size}")
-  target = os.path.join(out_dir, FEATURE_STORE)
-  if os.path.exists(target):
-    if not overwrite:
-      raise FileExistsError(f"{target} exists; choose another directory or overwrite")
-    shutil.rmtree(target)
   graphdef, state = nnx.split(vision)
   cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.dtype(dtype)
 
@@ -174,56 +165,36 @@ def write_feature_store(out_dir: str, frame_store: stores.FrameStore, vision, *,
 
   fingerprint = vit_fingerprint(vision)
   num_tokens = (size // cfg.vit.patch_size) ** 2 + 1
-  videos = sorted(frame_store.record_of, key=frame_store.record_of.get)
 
-  def examples() -> Iterator[tuple[int, dict[str, Any]]]:
-    items = _encoded(videos, frame_store, encode, batch_frames, (size, size, 3))
-    if progress:
-      from tqdm import tqdm
+  def produce(videos: list[str]) -> Iterator[stores.Produced]:
+    for video, vf, feats in _encoded(videos, frame_store, encode, batch_frames, (size, size, 3)):
+      yield {"video": video, "features": feats, "frame_indices": vf.indices, "fps": vf.fps,
+             "num_video_frames": vf.num_video_frames}, {}
 
-      items = tqdm(items, total=len(videos), desc="ViT features", unit="video")
-    for key, (video, vf, feats) in enumerate(items):
-      yield key, {"video": video, "features": feats, "frame_indices": vf.indices, "fps": vf.fps,
-                  "num_video_frames": vf.num_video_frames}
-
-  builder = stores._builder_class(FEATURE_STORE)(
-      features=_features_spec(num_tokens, cfg.vit.width, dtype), examples={"videos": examples},
-      data_dir=out_dir, file_format="array_record")
-  builder.download_and_prepare()
-  index = {"vit_fingerprint": fingerprint, "dtype": dtype,
-           "shape": [num_tokens, cfg.vit.width],
-           "vit": {k: cfg.vit[k] for k in _VIT_KEYS}, "compute_dtype": str(cfg.dtype),
-           "frame_settings": dataclasses.asdict(frame_store.settings), "videos": videos}
-  with open(os.path.join(builder.data_dir, stores.INDEX_FILE), "w", encoding="utf-8") as f:
-    json.dump(index, f, ensure_ascii=False, indent=1)
-  return FeatureStoreResult(builder.data_dir, videos, fingerprint)
+  plan = {"vit_fingerprint": fingerprint, "dtype": dtype, "shape": [num_tokens, cfg.vit.width],
+          "vit": {k: cfg.vit[k] for k in _VIT_KEYS}, "compute_dtype": str(cfg.dtype),
+          "frame_settings": dataclasses.asdict(frame_store.settings)}
+  result = stores.write_video_store(
+      out_dir, FEATURE_STORE, _features_spec(num_tokens, cfg.vit.width, dtype), plan,
+      sorted(frame_store.record_of, key=frame_store.record_of.get), produce,
+      shard_videos=shard_videos, overwrite=overwrite, progress="ViT features" if progress else "")
+  return FeatureStoreResult(result.path, result.index["videos"], fingerprint,
+                            result.shards_reused)
 
 
-class FeatureStore:
+class FeatureStore(stores.VideoStore):
   """Random access to a feature store by video path (features as float32)."""
 
+  what = "feature store"
+  command = "data_prep.build_feature_store"
+
   def __init__(self, path: str):
-    import tensorflow_datasets as tfds
-
-    index_path = os.path.join(path, stores.INDEX_FILE)
-    if not os.path.exists(index_path):
-      raise FileNotFoundError(f"no feature store at {path} (build one with python -m "
-                              "data_prep.build_feature_store)")
-    with open(index_path, encoding="utf-8") as f:
-      index = json.load(f)
-    self.path = path
-    self.fingerprint: str = index["vit_fingerprint"]
-    self.dtype: str = index["dtype"]
-    self.shape: tuple[int, int] = tuple(index["shape"])  # (N, W) per frame
-    self.frame_settings = stores.FrameSettings(**index["frame_settings"])
-    self.record_of = {v: i for i, v in enumerate(index["videos"])}
-    self._source = tfds.builder_from_directory(path).as_data_source(split="videos")
-
-  def __len__(self) -> int:
-    return len(self.record_of)
-
-  def __contains__(self, video: str) -> bool:
-    return video in self.record_of
+    super().__init__(path)
+    plan = self.index["plan"]
+    self.fingerprint: str = plan["vit_fingerprint"]
+    self.dtype: str = plan["dtype"]
+    self.shape: tuple[int, int] = tuple(plan["shape"])  # (N, W) per frame
+    self.frame_settings = stores.FrameSettings(**plan["frame_settings"])
 
   def check(self, fingerprint: str | None, frame_store: stores.FrameStore) -> None:
     """Refuses features from another ViT than the one whose `vit_fingerprint` is given, or from
@@ -247,9 +218,7 @@ class FeatureStore:
           f"{len(frame_store)} videos). Rebuild it with python -m data_prep.build_feature_store.")
 
   def __getitem__(self, video: str) -> VideoFeatures:
-    if video not in self.record_of:
-      raise KeyError(f"video {video!r} is not in the feature store {self.path}")
-    ex = self._source[self.record_of[video]]
+    ex = self.record(video)
     feats = ex["features"]
     if self.dtype == "bfloat16":
       import ml_dtypes

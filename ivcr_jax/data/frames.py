@@ -12,15 +12,26 @@
 
 Timestamps are `index / fps` with decord's average fps; the texts round them with
 `answers.format_seconds`, i.e. `round(t, 1)` as the official `load_video` does.
+
+Decoding resizes at decode time (decord, through ffmpeg's scaler): `squash` to size x size as the
+official reader does (aspect ratio not kept), or `shorter_side_crop`: the shorter side to `size`
+with the aspect ratio kept, then the centre size x size crop.
+
+Training augmentation (`random_resized_crop_box` + `resized_crop`): the official
+`RandomResizedCropVideo` (torchvision's crop sampling, torch's bicubic `interpolate`), one crop
+for all frames of a video, on the host, on uint8 frames of a fixed size so shapes stay static.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 SAMPLERS = ("uniform", "rand", "rand_full", "all")
+RESIZE_MODES = ("squash", "shorter_side_crop")
+CropBox = tuple[int, int, int, int]  # (top, left, height, width) in the frame
 
 
 class VideoError(RuntimeError):
@@ -50,9 +61,10 @@ def sample_indices(vlen: int, n: int, mode: str, rng: np.random.Generator | None
   return (lo + np.floor(rng.random(n) * (hi - lo))).astype(np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoFrames:
-  frames: np.ndarray  # [T, H, W, 3] uint8
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampledVideo:
+  """Where some frames of a video are in it; subclasses add per-frame data (pixels, features)."""
+
   indices: np.ndarray  # [T] int32, frame numbers in the video
   fps: float
   num_video_frames: int
@@ -67,30 +79,123 @@ class VideoFrames:
     return self.num_video_frames / self.fps
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VideoFrames(SampledVideo):
+  frames: np.ndarray  # [T, H, W, 3] uint8
+
+
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(height, width) with the shorter side `size` and the aspect ratio kept (rounded)."""
+  if height <= width:
+    return size, max(size, round(width * size / height))
+  return max(size, round(height * size / width)), size
+
+
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+  """The centre `size` x `size` of `[T, H, W, C]` frames (torchvision's `CenterCrop` offsets)."""
+  top = int(round((frames.shape[1] - size) / 2))
+  left = int(round((frames.shape[2] - size) / 2))
+  return np.ascontiguousarray(frames[:, top:top + size, left:left + size])
+
+
 def load_video(path: str, *, num_frames: int, size: int | None, mode: str = "uniform",
-               rng: np.random.Generator | None = None) -> VideoFrames:
-  """Decodes the sampled frames of `path`, squashed to `size` x `size` (official: 224, aspect
-  ratio not kept) or at their own size when `size` is None.
+               rng: np.random.Generator | None = None, resize: str = "squash") -> VideoFrames:
+  """Decodes the sampled frames of `path` at `size` x `size` (official: 224), resized as `resize`
+  says (see the module docstring), or at their own size when `size` is None.
 
   Raises `VideoError` naming the file when it is missing or cannot be decoded.
   """
   if size is not None and (size <= 0 or size % 32):
     raise ValueError(f"decode size {size} must be a positive multiple of 32 (decord resizing)")
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
   import decord
 
+  crop = size is not None and resize == "shorter_side_crop"
   try:
-    reader = (decord.VideoReader(path) if size is None
-              else decord.VideoReader(path, width=size, height=size))
+    height = width = size or -1
+    if crop:  # the native size first (a reader at the native size, one frame decoded)
+      height, width = shorter_side_size(*decord.VideoReader(path).next().shape[:2], size)
+    reader = decord.VideoReader(path, width=width, height=height)
     vlen = len(reader)
     fps = float(reader.get_avg_fps())
     if vlen < 1 or not fps > 0:
       raise VideoError(f"video {path!r} has {vlen} frames at {fps} fps")
     indices = sample_indices(vlen, num_frames, mode, rng)
-    frames = reader.get_batch(indices.tolist()).asnumpy()
+    try:
+      frames = reader.get_batch(indices.tolist()).asnumpy()
+    except decord.DECORDError:
+      if not crop:
+        raise
+      # decord's decode-time resize fails at a few small widths (16, 24, 48 and 72 here) and
+      # works one pixel wider: the centre crop moves by half a pixel at most.
+      reader = decord.VideoReader(path, width=width + 1, height=height)
+      frames = reader.get_batch(indices.tolist()).asnumpy()
   except VideoError:
     raise
   except Exception as e:  # decord raises its own error types, and RuntimeError on bad files
     raise VideoError(f"cannot decode video {path!r}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if crop:
+    frames = center_crop(frames, size)
   return VideoFrames(frames=np.ascontiguousarray(frames, np.uint8), indices=indices, fps=fps,
                      num_video_frames=vlen)
+
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
+                            ratio: tuple[float, float], rng: np.random.Generator) -> CropBox:
+  """torchvision's `RandomResizedCrop.get_params` (10 tries at a random area fraction in `scale`
+  and log-uniform aspect ratio in `ratio`, then the centre crop at the nearest allowed ratio), with
+  a numpy generator so the pipeline can seed it."""
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  aspect = width / height
+  if aspect < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif aspect > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """`[n_out, n_in]` weights of torch's bicubic `interpolate` along one axis (A = -0.75,
+  align_corners=False, no antialiasing, taps clamped at the borders)."""
+  a = -0.75
+  x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  x0 = np.floor(x)
+  t = x - x0
+  near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+  far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], 1)
+  taps = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
+  return m.astype(np.float32)
+
+
+def resized_crop(frames: np.ndarray, box: CropBox, size: tuple[int, int]) -> np.ndarray:
+  """`box` of every frame of `[T, H, W, 3]` uint8 frames, resized to `size` (height, width) with
+  torch's bicubic kernel, rounded and clamped to uint8 (the official casts without clamping, B15).
+
+  Two float32 GEMMs (the kernel is separable), laid out so each is one large BLAS call.
+  """
+  top, left, h, w = box
+  t, c = frames.shape[0], frames.shape[3]
+  out_h, out_w = size
+  crop = np.ascontiguousarray(frames[:, top:top + h, left:left + w].transpose(0, 1, 3, 2),
+                              dtype=np.float32)  # [T, h, C, w]
+  x = crop.reshape(-1, w) @ _bicubic_matrix(w, out_w).T  # [T * h * C, out_w]
+  x = np.ascontiguousarray(x.reshape(t, h, c * out_w).transpose(1, 0, 2)).reshape(h, -1)
+  y = (_bicubic_matrix(h, out_h) @ x).reshape(out_h, t, c, out_w)
+  np.rint(y, out=y)
+  np.clip(y, 0, 255, out=y)
+  return np.ascontiguousarray(y.astype(np.uint8).transpose(1, 0, 3, 2))

@@ -4,7 +4,9 @@ Per sample (a `records.Sample`): sample each video's frames (official `rand` in 
 stream per (seed, epoch, video) so a video shared by two samples of a batch is sampled alike),
 render and tokenise the chat prompt (`prompt.encode`), and drop the oldest whole turns while the
 spliced sequence is longer than `max_len` or the sample shows more videos than its share of the
-largest video table (counted by reason in `SampleEncoder.truncated`).
+largest video table (counted by reason in `SampleEncoder.truncated`). In training,
+`data.random_resized_crop` crops each sampled video once (one random resized crop for all its
+frames, drawn from the same stream, so batches and iterator resumption stay exact).
 
 With a feature store (`data.features`, `ivcr_jax.data.feature_store`) the same sampling picks
 rows of stored ViT features instead of frames, and batches carry `features [V, T, N, W]`
@@ -43,7 +45,8 @@ IGNORE = prompt.IGNORE_INDEX
 # Turns are dropped (oldest first) for these reasons; anything else is an error.
 _SHORTENABLE = ("context_too_long", "too_many_videos")
 
-VideoKey = tuple[str, tuple[int, ...]]  # (video path, sampled frame indices): one table row
+# (video path, sampled frame indices, crop box or ()): one table row
+VideoKey = tuple[str, tuple[int, ...], tuple[int, ...]]
 Video = frames_lib.VideoFrames | feature_store_lib.VideoFeatures
 
 
@@ -111,7 +114,16 @@ class SampleEncoder:
     if feature_store is None and d.features:
       feature_store = feature_store_lib.FeatureStore(d.features)
     image_size = config.model.vit.image_size
+    if frame_store.settings.resize != d.resize_mode:
+      raise ValueError(f"the frame store was decoded with resize {frame_store.settings.resize!r} "
+                       f"but data.resize_mode is {d.resize_mode!r}; rebuild it with python -m "
+                       f"data_prep.build_stores --resize {d.resize_mode} (or match the config)")
+    self.crop = ((tuple(d.crop_scale), tuple(d.crop_ratio))
+                 if training and d.random_resized_crop else None)
     if feature_store is not None:
+      if self.crop is not None:
+        raise ValueError("data.random_resized_crop needs frames: a feature store holds the ViT "
+                         "features of uncropped frames (set data.features='' or turn it off)")
       if "vit" in config.model.trainable:
         raise ValueError("data.features: this config trains the ViT (model.trainable has 'vit'), "
                          "so stored ViT features would be stale; train from frames")
@@ -154,15 +166,21 @@ class SampleEncoder:
       self._local.pair = (copy.deepcopy(llm), copy.deepcopy(qformer))
     return self._local.pair
 
-  def frames_for(self, video: str, kind: str, epoch: int) -> Video:
-    """This epoch's frames (or feature rows) of `video`: the stored ones resampled with the
-    configured sampler."""
+  def frames_for(self, video: str, kind: str, epoch: int) -> tuple[VideoKey, Video]:
+    """This epoch's frames (or feature rows) of `video` and their table key: the stored ones
+    resampled with the configured sampler, and cropped if `self.crop`."""
     n = self.data.frames_moment if kind == MOMENT else self.data.frames_retrieval
     stored = self.store[video]
     rng = np.random.default_rng([self.seed, epoch, zlib.crc32(video.encode()), n])
     idx = frames_lib.sample_indices(len(stored.indices), n, self.sampling, rng)
-    return dataclasses.replace(stored, indices=stored.indices[idx],
-                               **{self.field: getattr(stored, self.field)[idx]})
+    picked = dataclasses.replace(stored, indices=stored.indices[idx],
+                                 **{self.field: getattr(stored, self.field)[idx]})
+    box = ()
+    if self.crop is not None:
+      size = picked.frames.shape[1:3]
+      box = frames_lib.random_resized_crop_box(*size, *self.crop, rng)
+      picked = dataclasses.replace(picked, frames=frames_lib.resized_crop(picked.frames, box, size))
+    return (video, tuple(picked.indices.tolist()), box), picked
 
   def __call__(self, sample: Sample, epoch: int = 0, generation: bool = False) -> dict[str, Any]:
     """Encodes `sample`, dropping its oldest turns while it is too long (counted)."""
@@ -186,11 +204,10 @@ class SampleEncoder:
       times = None
       for video in turn.videos:
         try:
-          frames = self.frames_for(video, turn.kind, epoch)
+          key, frames = self.frames_for(video, turn.kind, epoch)
         except KeyError as e:
           raise MissingVideoError(f"{sample.dialogue.name}, turn text_id {turn.text_id!r}: "
                                   f"{e.args[0]}") from e
-        key = (video, tuple(frames.indices.tolist()))
         loaded.setdefault(key, frames)
         videos.append(key)
         times = [round(float(t), 1) for t in frames.times]

@@ -4,7 +4,9 @@ Every record is validated (`ivcr_jax.data.records`); every referenced video is d
 (`ivcr_jax.data.frames`). Bad records and undecodable videos are reported by name, counted and
 left out; a dialogue that needs a video which failed is left out too. The summary is returned and
 written to `<out>/prep_report.json` last, so its presence marks complete stores, and its `recipe`
-says what they were built from (callers rebuild when it differs from what they need).
+says what they were built from (callers rebuild when it differs from what they need). A build that
+stopped resumes when run again with the same arguments: the frame store keeps the shards it had
+finished (`stores.write_video_store`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
                  toy: toy_corpus.ToyCorpusConfig | None = None,
                  frames: stores.FrameSettings = DEFAULT_FRAMES,
                  options: records.RecordOptions = DEFAULT_OPTIONS, workers: int = 2,
-                 progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                 shard_videos: int = stores.SHARD_VIDEOS, progress: bool = True,
+                 overwrite: bool = False) -> dict[str, Any]:
   """Builds the frame and dialogue stores under `out`; returns the summary it writes.
 
   Args:
@@ -55,21 +58,22 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
     toy: a toy corpus to write under `<out>/toy` and build the stores from.
     frames: how the frame store samples and decodes.
     options: how records are read (splits to keep, turn limit, ...).
-    overwrite: replace stores already under `out` (TFDS would otherwise keep the old records
-      silently); without it, existing stores are an error.
+    workers: videos decoded at a time.
+    shard_videos: videos per frame-store shard (the unit of resumption).
+    overwrite: replace stores already under `out`. Without it, complete stores (a report) are an
+      error, and an interrupted build resumes (a frame store of other settings is an error).
   """
   if (toy is None) == (annotations is None or video_root is None):
     raise ValueError("give annotations and video_root, or a toy corpus config")
-  existing = [p for p in (stores.FRAME_STORE, stores.DIALOGUE_STORE, REPORT_FILE)
-              if os.path.exists(os.path.join(out, p))]
-  if existing and not overwrite:
-    raise FileExistsError(f"{out} already holds {', '.join(existing)}; choose another directory "
-                          "or overwrite")
-  for name in existing:
+  if read_report(out) is not None and not overwrite:
+    raise FileExistsError(f"{out} already holds complete stores ({REPORT_FILE}); choose another "
+                          "directory or overwrite")
+  # The dialogue store is cheap and TFDS would keep old records silently: always written anew.
+  for name in (REPORT_FILE, stores.DIALOGUE_STORE) + ((stores.FRAME_STORE,) if overwrite else ()):
     path = os.path.join(out, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
-    else:
+    elif os.path.exists(path):
       os.remove(path)
   start = time.perf_counter()
   what = recipe(annotations=annotations, video_root=video_root, toy=toy, frames=frames,
@@ -85,7 +89,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
   first, _ = records.read_annotations(raw, options, video_root=video_root)
   needed = sorted({v for d in first for t in d.turns for v in t.videos})
   frame_store = stores.write_frame_store(out, needed, video_root, frames, workers=workers,
-                                         progress=progress)
+                                         progress=progress, shard_videos=shard_videos)
   # Pass 2: with the decoded durations (spans inside videos, every video available).
   dialogues, report = records.read_annotations(raw, options, video_root=video_root,
                                                durations=frame_store.durations)
@@ -96,6 +100,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "frame_store": frame_store.path, "dialogue_store": dialogue_store,
       "videos": {"needed": len(needed), "stored": len(frame_store.videos),
                  "failed": len(frame_store.failures)},
+      "frame_shards": {"total": frame_store.shards, "reused": frame_store.shards_reused},
       "records": {"total": report.total, "kept": report.kept, "other_split": report.other_split,
                   "skipped": dict(report.skipped), "notes": dict(report.notes)},
       "summary": report.summary(),

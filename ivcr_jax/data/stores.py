@@ -10,6 +10,11 @@
   TensorFlow). Reading gives `records.Dialogue` back, exactly.
 
 Records keep the order they were written in (`disable_shuffling`), so record numbers are stable.
+
+Per-video stores (frames here, ViT features in `feature_store`) are written shard by shard
+(`write_video_store`): decoding 12k videos takes hours, so a build that stops is started again
+with the same command and redoes only the shards it had not finished. The same inputs give the
+same bytes, however many workers decode and however often the build was resumed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -32,7 +38,10 @@ from ivcr_jax.data.records import Dialogue, Turn
 FRAME_STORE = "ivcr_frames"
 DIALOGUE_STORE = "ivcr_dialogues"
 STORE_VERSION = "1.0.0"
-INDEX_FILE = "ivcr_index.json"
+INDEX_FILE = "ivcr_index.json"  # written last: its presence marks a complete per-video store
+BUILD_DIR = "unfinished"  # the plan and per-shard markers of a build in progress
+VIDEO_SPLIT = "videos"
+SHARD_VIDEOS = 32  # videos per shard: ~300 MB of 64 uint8 frames at 224 px before compression
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +52,18 @@ class FrameSettings:
   size: int | None = 224  # square decode size, a multiple of 32; None keeps the video's size
   sampling: str = "uniform"
   seed: int = 0  # for "rand"/"rand_full": each video gets its own stream from (seed, path)
+  resize: str = "squash"  # "squash" (official, aspect not kept) | "shorter_side_crop"
 
   def __post_init__(self):
     if self.sampling not in frames_lib.SAMPLERS:
       raise ValueError(f"sampling must be one of {frames_lib.SAMPLERS}, got {self.sampling!r}")
+    if self.resize not in frames_lib.RESIZE_MODES:
+      raise ValueError(f"resize must be one of {frames_lib.RESIZE_MODES}, got {self.resize!r}")
+    if self.resize == "shorter_side_crop" and self.size is None:
+      raise ValueError("resize 'shorter_side_crop' needs a size")
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
   """`map` over a thread pool, in order, with a bounded number of results in flight (frames are
   large)."""
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -91,7 +105,7 @@ def _builder_class(name: str) -> type:
   return Builder
 
 
-def _float64(shape: tuple[int | None, ...]):
+def float64_feature(shape: tuple[int | None, ...]):
   """An exact float64 feature: TFDS's default serialisation (tf.train.Example) keeps float32."""
   import tensorflow_datasets as tfds
 
@@ -109,10 +123,176 @@ def _frame_features(size: int | None):
       "frames": f.Tensor(shape=(None, size, size, 3), dtype=np.uint8,
                          encoding=f.Encoding.BYTES),
       "frame_indices": f.Tensor(shape=(None,), dtype=np.int32),
-      "timestamps": _float64((None,)),
-      "fps": _float64(()),
+      "timestamps": float64_feature((None,)),
+      "fps": float64_feature(()),
       "num_video_frames": f.Scalar(dtype=np.int32),
-      "duration": _float64(())})
+      "duration": float64_feature(())})
+
+
+# A video's record and what the index keeps about it (JSON), or why it has no record.
+Produced = tuple[dict[str, Any], dict[str, Any]] | str
+
+
+@dataclasses.dataclass
+class VideoStoreResult:
+  path: str  # the versioned store directory
+  index: dict[str, Any]  # what `INDEX_FILE` holds
+  shards: int
+  shards_reused: int  # finished by an earlier, interrupted build (or all: the store was complete)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomically: a crash leaves the old file or the new one, never half of one."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, ensure_ascii=False, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> Any:
+  """The JSON at `path`, or None when it is missing or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_shard(path: str, partial: str, features: Any, videos: list[str],
+                 produced: Iterator[Produced]) -> dict[str, Any]:
+  """Writes the records of `videos` to `partial`, then renames it to `path`; returns the shard's
+  marker (what the index needs from it, and the file size that validates it)."""
+  from array_record.python import array_record_module
+
+  shard = {"videos": [], "info": {}, "failures": {}, "num_bytes": 0}
+  writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
+  try:
+    for video in videos:
+      item = next(produced)
+      if isinstance(item, str):
+        shard["failures"][video] = item
+        continue
+      example, info = item
+      record = features.serialize_example(example)
+      writer.write(record)
+      shard["videos"].append(video)
+      shard["info"][video] = info
+      shard["num_bytes"] += len(record)
+  finally:
+    writer.close()
+  os.replace(partial, path)
+  shard["file_bytes"] = os.path.getsize(path)
+  return shard
+
+
+def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, Any],
+                      videos: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Produced]],
+                      *, shard_videos: int = SHARD_VIDEOS, overwrite: bool = False,
+                      progress: str = "") -> VideoStoreResult:
+  """Writes TFDS store `name` (one ArrayRecord split, `VIDEO_SPLIT`) of one record per video of
+  `videos`, in that order, `shard_videos` videos per shard, and its index.
+
+  `produce(some_videos)` yields, in order, each video's (example, index info) or the reason it has
+  none. `plan` (JSON) is what the records are made from. Each finished shard is renamed into place
+  and then marked done; a build started again with the same plan and videos produces only the
+  shards not marked done (a marker whose shard file has another size does not count). A store,
+  complete or not, of another plan is an error unless `overwrite`; a complete one of this plan is
+  returned as it is.
+  """
+  import tensorflow_datasets as tfds
+
+  target = os.path.join(out_dir, name, STORE_VERSION)
+  build = os.path.join(target, BUILD_DIR)
+  wanted = json.loads(json.dumps({"plan": plan, "requested": list(videos),
+                                  "shard_videos": shard_videos}))
+  chunks = [wanted["requested"][k:k + shard_videos]
+            for k in range(0, max(len(videos), 1), shard_videos)]
+  index = _read_json(os.path.join(target, INDEX_FILE))
+  if index is not None and {k: index.get(k) for k in wanted} == wanted and not overwrite:
+    return VideoStoreResult(target, index, len(chunks), len(chunks))
+  started = _read_json(os.path.join(build, "plan.json"))
+  resume = index is None and started == wanted and not overwrite
+  if os.path.exists(target) and not resume:
+    if not overwrite and (index or started or set(os.listdir(target)) - {BUILD_DIR}):
+      raise FileExistsError(f"{target} holds a {'complete' if index else 'partial'} {name} store "
+                            "built from other settings or videos; choose another directory or "
+                            "overwrite")
+    shutil.rmtree(target)
+  os.makedirs(build, exist_ok=True)
+  _write_json(os.path.join(build, "plan.json"), wanted)
+
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=target, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+      dataset_name=name, split=VIDEO_SPLIT, filetype_suffix="array_record")
+  paths = [os.fspath(p) for p in template.sharded_filepaths(len(chunks))]
+  markers = [os.path.join(build, f"shard-{k:05d}.json") for k in range(len(chunks))]
+  done = {}
+  for k, (path, marker) in enumerate(zip(paths, markers, strict=True)):
+    shard = _read_json(marker)
+    if (isinstance(shard, dict) and os.path.exists(path)
+        and shard.get("file_bytes") == os.path.getsize(path)):
+      done[k] = shard
+  todo = [k for k in range(len(chunks)) if k not in done]
+  produced = iter(produce([v for k in todo for v in chunks[k]]))
+  if progress:
+    from tqdm import tqdm
+
+    produced = iter(tqdm(produced, total=len(videos), initial=sum(len(chunks[k]) for k in done),
+                         desc=progress, unit="video"))
+  for k in todo:
+    done[k] = _write_shard(paths[k], os.path.join(build, os.path.basename(paths[k])),
+                           features, chunks[k], produced)
+    _write_json(markers[k], done[k])
+
+  shards = [done[k] for k in range(len(chunks))]
+  split = tfds.core.SplitInfo(name=VIDEO_SPLIT, shard_lengths=[len(s["videos"]) for s in shards],
+                              num_bytes=sum(s["num_bytes"] for s in shards),
+                              filename_template=template)
+  tfds.folder_dataset.write_metadata(data_dir=target, features=features, split_infos=[split],
+                                     filename_template=template, check_data=False,
+                                     disable_shuffling=True)
+  index = {**wanted, "videos": [v for s in shards for v in s["videos"]],
+           "info": {v: i for s in shards for v, i in s["info"].items()},
+           "failures": {v: why for s in shards for v, why in s["failures"].items()}}
+  _write_json(os.path.join(target, INDEX_FILE), index)
+  shutil.rmtree(build)
+  return VideoStoreResult(target, index, len(chunks), len(chunks) - len(todo))
+
+
+class VideoStore:
+  """Random access by video path to a store written by `write_video_store`."""
+
+  what = "store"  # for messages
+  command = ""  # the command that builds one
+
+  def __init__(self, path: str):
+    import tensorflow_datasets as tfds
+
+    index = _read_json(os.path.join(path, INDEX_FILE))
+    if index is None:
+      raise FileNotFoundError(f"no complete {self.what} at {path} (build it with python -m "
+                              f"{self.command}; an interrupted build resumes)")
+    if "plan" not in index:
+      raise ValueError(f"the {self.what} at {path} was written by an older ivcr_jax; rebuild it "
+                       f"with python -m {self.command} --overwrite")
+    self.path = path
+    self.index: dict[str, Any] = index
+    self.record_of = {v: i for i, v in enumerate(index["videos"])}
+    self._source = tfds.builder_from_directory(path).as_data_source(split=VIDEO_SPLIT)
+
+  def __len__(self) -> int:
+    return len(self.record_of)
+
+  def __contains__(self, video: str) -> bool:
+    return video in self.record_of
+
+  def missing(self, video: str) -> str:
+    """Why `video` has no record."""
+    return f"video {video!r} is not in the {self.what} {self.path}"
+
+  def record(self, video: str) -> dict[str, Any]:
+    if video not in self.record_of:
+      raise KeyError(self.missing(video))
+    return self._source[self.record_of[video]]
 
 
 @dataclasses.dataclass
@@ -121,77 +301,59 @@ class FrameStoreResult:
   videos: list[str]  # in record order
   durations: dict[str, float]
   failures: dict[str, str]  # video -> why it is not in the store
+  shards: int
+  shards_reused: int  # finished by an interrupted earlier build
 
 
 def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
-                      settings: FrameSettings, *, workers: int = 2,
-                      progress: bool = True) -> FrameStoreResult:
-  """Decodes `videos` (paths relative to `video_root`) into a frame store under `out_dir`."""
-  videos = sorted(set(videos))
-  result = FrameStoreResult(path="", videos=[], durations={}, failures={})
+                      settings: FrameSettings, *, workers: int = 2, progress: bool = True,
+                      shard_videos: int = SHARD_VIDEOS, overwrite: bool = False
+                      ) -> FrameStoreResult:
+  """Decodes `videos` (paths relative to `video_root`) into a frame store under `out_dir`,
+  `workers` videos at a time; resumes an interrupted build (see `write_video_store`)."""
 
-  def decode(path: str) -> frames_lib.VideoFrames | str:
+  def decode(path: str) -> Produced:
     rng = np.random.default_rng([settings.seed, zlib.crc32(path.encode())])
     try:
-      return frames_lib.load_video(os.path.join(video_root, path), num_frames=settings.num_frames,
-                                   size=settings.size, mode=settings.sampling, rng=rng)
+      v = frames_lib.load_video(os.path.join(video_root, path), num_frames=settings.num_frames,
+                                size=settings.size, mode=settings.sampling, rng=rng,
+                                resize=settings.resize)
     except frames_lib.VideoError as e:
       return str(e)
+    example = {"video": path, "frames": v.frames, "frame_indices": v.indices,
+               "timestamps": v.times, "fps": v.fps, "num_video_frames": v.num_video_frames,
+               "duration": v.duration}
+    return example, {"duration": v.duration}
 
-  def examples() -> Iterator[tuple[int, dict[str, Any]]]:
-    decoded = _ordered_map(decode, videos, workers)
-    if progress:
-      from tqdm import tqdm
-
-      decoded = tqdm(decoded, total=len(videos), desc="decoding videos", unit="video")
-    for path, v in zip(videos, decoded, strict=True):
-      if isinstance(v, str):
-        result.failures[path] = v
-        continue
-      key = len(result.videos)
-      result.videos.append(path)
-      result.durations[path] = v.duration
-      yield key, {"video": path, "frames": v.frames, "frame_indices": v.indices,
-                  "timestamps": v.times, "fps": v.fps, "num_video_frames": v.num_video_frames,
-                  "duration": v.duration}
-
-  builder = _builder_class(FRAME_STORE)(
-      features=_frame_features(settings.size), examples={"videos": examples}, data_dir=out_dir,
-      file_format="array_record")
-  builder.download_and_prepare()
-  result.path = builder.data_dir
-  index = {"settings": dataclasses.asdict(settings), "videos": result.videos,
-           "durations": result.durations, "failures": result.failures}
-  with open(os.path.join(result.path, INDEX_FILE), "w", encoding="utf-8") as f:
-    json.dump(index, f, ensure_ascii=False, indent=1)
-  return result
+  result = write_video_store(
+      out_dir, FRAME_STORE, _frame_features(settings.size),
+      {"settings": dataclasses.asdict(settings), "video_root": video_root}, sorted(set(videos)),
+      lambda todo: ordered_map(decode, todo, workers), shard_videos=shard_videos,
+      overwrite=overwrite, progress="decoding videos" if progress else "")
+  index = result.index
+  return FrameStoreResult(result.path, index["videos"],
+                          {v: i["duration"] for v, i in index["info"].items()},
+                          index["failures"], result.shards, result.shards_reused)
 
 
-class FrameStore:
+class FrameStore(VideoStore):
   """Random access to a frame store by video path."""
 
+  what = "frame store"
+  command = "data_prep.build_stores"
+
   def __init__(self, path: str):
-    import tensorflow_datasets as tfds
+    super().__init__(path)
+    self.settings = FrameSettings(**self.index["plan"]["settings"])
+    self.durations = {v: i["duration"] for v, i in self.index["info"].items()}
+    self.failures: dict[str, str] = self.index["failures"]
 
-    with open(os.path.join(path, INDEX_FILE), encoding="utf-8") as f:
-      index = json.load(f)
-    self.settings = FrameSettings(**index["settings"])
-    self.durations: dict[str, float] = index["durations"]
-    self.failures: dict[str, str] = index["failures"]
-    self.record_of = {v: i for i, v in enumerate(index["videos"])}
-    self._source = tfds.builder_from_directory(path).as_data_source(split="videos")
-
-  def __len__(self) -> int:
-    return len(self.record_of)
-
-  def __contains__(self, video: str) -> bool:
-    return video in self.record_of
+  def missing(self, video: str) -> str:
+    why = self.failures.get(video, "it was not part of the annotations")
+    return f"video {video!r} is not in the frame store: {why}"
 
   def __getitem__(self, video: str) -> frames_lib.VideoFrames:
-    if video not in self.record_of:
-      why = self.failures.get(video, "it was not part of the annotations")
-      raise KeyError(f"video {video!r} is not in the frame store: {why}")
-    ex = self._source[self.record_of[video]]
+    ex = self.record(video)
     return frames_lib.VideoFrames(frames=ex["frames"], indices=ex["frame_indices"],
                                   fps=float(ex["fps"]),
                                   num_video_frames=int(ex["num_video_frames"]))
@@ -209,7 +371,7 @@ def _dialogue_features():
           "kind": f.Text(), "question": f.Text(), "answer": f.Text(),
           "text_id": f.Text(),  # JSON, so that int and str ids come back as they were
           "video_id": f.Text(),  # "" for chat turns
-          "gt_span": _float64((2,)),  # NaN when there is none
+          "gt_span": float64_feature((2,)),  # NaN when there is none
           "video_index": f.Scalar(dtype=np.int64),  # -1 for None
           "num_candidates": f.Scalar(dtype=np.int64)}),
       "candidates": f.Sequence(f.Text())})  # all turns' candidates, concatenated

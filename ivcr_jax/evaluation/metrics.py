@@ -155,6 +155,8 @@ def compute(results: Sequence[TurnResult], max_turn: int = 7,
   out = {
       "r@1": _ratio(r1_hits, n_video),
       "r@10": _ratio(sum(r.gt_in_candidates for r in video), n_video),
+      # The retriever's own top-1 (no re-ranking): the baseline that R@1 must beat.
+      "retriever_r@1": _ratio(sum(r.gt_index == 1 for r in video), n_video),
       "miou": _ratio(sum(ious), n_moment),
       "bleu4": corpus_bleu4([bleu_tokens(r.reference) for r in results],
                             [bleu_tokens(r.prediction) for r in results]),

@@ -34,6 +34,10 @@ class InterLLaVA(nnx.Module):
     """`cfg` is the config's `model` section."""
     self.vision = VisionTower(cfg, rngs=rngs)
     self.llm = Llama(cfg, lora=bool(cfg.lora.rank), rngs=rngs)
+    for part in cfg.get("fan_in_init", ()):
+      if part not in ("vision", "llm"):
+        raise ValueError(f"model.fan_in_init: unknown part {part!r}; choose vision or llm")
+      layers.fan_in_init(getattr(self, part), rngs.params())
 
   def video_embeddings(self, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """`[V, tokens_per_video, llm_hidden]` for the batch's video table (frames or features)."""
