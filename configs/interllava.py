@@ -231,3 +231,9 @@ def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
                    "video_query_tokens", "projection", "llm", "lora")
   c.train.update(dict(num_steps=200, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
                       warmup_steps=20, batch_size=4))
+  if preset == "demo":
+    # Measured on the toy corpus (README "The demo"): 8 frames per video halve the vision work;
+    # LR 3e-3 reaches val L_M 0.79 in 300 steps (1e-3: 1.31); from scratch the aux terms are the
+    # only direct signal on the index and span digits, so they get weight 1.
+    c.data.frames_retrieval = c.data.frames_moment = 8
+    c.train.update(dict(num_steps=300, lr=3e-3, min_lr=3e-4, alpha=1.0, beta=1.0))

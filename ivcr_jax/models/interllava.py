@@ -32,11 +32,12 @@ class InterLLaVA(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     """`cfg` is the config's `model` section."""
+    fan_in_parts = tuple(cfg.get("fan_in_init", ()))
+    if unknown := set(fan_in_parts) - {"vision", "llm"}:
+      raise ValueError(f"model.fan_in_init: unknown parts {sorted(unknown)}; choose vision, llm")
     self.vision = VisionTower(cfg, rngs=rngs)
     self.llm = Llama(cfg, lora=bool(cfg.lora.rank), rngs=rngs)
-    for part in cfg.get("fan_in_init", ()):
-      if part not in ("vision", "llm"):
-        raise ValueError(f"model.fan_in_init: unknown part {part!r}; choose vision or llm")
+    for part in fan_in_parts:
       layers.fan_in_init(getattr(self, part), rngs.params())
 
   def video_embeddings(self, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
