@@ -111,7 +111,7 @@ class Runner:
                                                     trainer.digits_of(data.tokenizer))
     self.state = self.frozen = None
     self.key = jax.random.key(config.seed)
-    self.cache: dict[tuple, tuple] = {}
+    self.cache: dict[tuple, list] = {}  # shapes -> [compiled, flops, compile s, has run]
 
   def encoder(self, layout: pipeline.Layout, features: str = "") -> pipeline.SampleEncoder:
     config = self.config
@@ -122,9 +122,9 @@ class Runner:
     data = dataclasses.replace(self.data, layout=layout)
     return data.encoder(config, training=True, model=self.model)
 
-  def _compiled(self, batch: dict) -> tuple:
-    """(compiled step, its XLA FLOPs, compile seconds) for `batch`'s shapes; a new one is
-    compiled ahead and run once untimed (first-run allocations are not step time)."""
+  def _compiled(self, batch: dict) -> tuple[object, float, float, bool]:
+    """(compiled step, its XLA FLOPs, compile seconds, whether it has run) for `batch`'s
+    shapes, compiled ahead of its first run."""
     if self.state is None:  # after the feature store is written: `place` releases the split
       self.state, self.frozen = step_lib.place(self.split, self.tx, self.mesh,
                                                self.config.mesh.rules)
@@ -135,10 +135,12 @@ class Runner:
                                    self.state, self.frozen, batch, self.mesh, rules)
       start = time.perf_counter()
       compiled = fn.lower(self.state, self.frozen, batch, self.key).compile()
-      self.cache[key] = (compiled, float(compiled.cost_analysis()["flops"]),
-                         time.perf_counter() - start)
-      self._run(compiled, batch)
-    return self.cache[key]
+      self.cache[key] = [compiled, float(compiled.cost_analysis()["flops"]),
+                         time.perf_counter() - start, False]
+    entry = self.cache[key]
+    ran = entry[3]
+    entry[3] = True
+    return entry[0], entry[1], entry[2], ran
 
   def _run(self, compiled, batch: dict) -> float:
     start = time.perf_counter()
@@ -149,9 +151,18 @@ class Runner:
     return time.perf_counter() - start
 
   def measure(self, batch: dict, repeats: int | None = None) -> Measured:
-    """Median time of `repeats` steps on `batch` (the state is donated and threaded through)."""
-    compiled, flops, compile_s = self._compiled(batch)
-    times = [self._run(compiled, batch) for _ in range(repeats or self.repeats)]
+    """Median of `repeats` step times on `batch` (the state is donated and threaded through).
+
+    A shape's first step is a warm-up, discarded unless it is long (> 2 s: first-run
+    allocations are then noise, and a `small` step takes tens of seconds)."""
+    compiled, flops, compile_s, ran = self._compiled(batch)
+    times = []
+    if not ran:
+      first = self._run(compiled, batch)
+      if first > 2.0:
+        times.append(first)
+    while len(times) < (repeats or self.repeats):
+      times.append(self._run(compiled, batch))
     return Measured(statistics.median(times), flops, compile_s)
 
 

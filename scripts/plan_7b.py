@@ -12,8 +12,8 @@ allocated. Per plan (hardware, mesh, samples per micro-step) it reports:
   extrapolated linearly per layer from unrolled one-device compiles at (ViT, LLaMA) depths
   (1, 1), (2, 1), (1, 2); beside it an analytic count (2N per token for the forward-only ViT, 4N
   for the frozen LLaMA with LoRA, 6N for the trained Q-Formers and projection, plus attention);
-  each device's share comes from the partitioned programs' own counts, extrapolated the same
-  way from unrolled compiles on the plan's mesh;
+  how evenly the partitioned program splits the work comes from its own per-device count
+  (which, like the one-device count of a scanned program, counts each layer stack once);
 - the step time this implies at a stated MFU on 8x H100 and on TPU v5p-8.
 
 One sample per micro-step as official: a retrieval turn's 10 candidates + 1 video (video table
@@ -185,19 +185,18 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
       time.perf_counter() - start, (count(state["params"]), count(frozen)))
 
 
-def depth_flops(preset: str, mesh: Sequence[int], batch: int, seq: int, videos: int, log
-                ) -> dict[tuple[int, int], float]:
-  """XLA FLOPs (per device of the partitioned program) of the step with unrolled layers at
-  (ViT, LLaMA) depths (1, 1), (2, 1), (1, 2), and extrapolated linearly per layer to the
-  preset's depths. (A scanned stack is partitioned as a whole, an unrolled one layer by layer:
-  their per-device counts differ, so the three points are all unrolled.)"""
+def global_flops(preset: str, seq: int, videos: int, log) -> dict[tuple[int, int], float]:
+  """XLA FLOPs of one sample's step on one device with unrolled layers at (ViT, LLaMA) depths
+  (1, 1), (2, 1), (1, 2), and extrapolated linearly per layer to the preset's depths (XLA
+  counts a scanned stack once). On several devices the partitioner may split different depths
+  differently, so only one-device counts are extrapolated."""
   flops = {}
   for depths in ((1, 1), (2, 1), (1, 2)):
-    cfg = plan_config(preset, mesh=mesh, vit_depth=depths[0], llm_depth=depths[1], scan=False)
-    c = compile_step(cfg, batch, seq, videos)
+    cfg = plan_config(preset, mesh=(1, 1, 1), vit_depth=depths[0], llm_depth=depths[1],
+                      scan=False)
+    c = compile_step(cfg, 1, seq, videos)
     flops[depths] = c.flops
-    log(f"  mesh {tuple(mesh)}, {batch} samples, unrolled depths {depths}: "
-        f"{c.flops / 1e12:.3f} TFLOP per device (compiled in {c.seconds:.0f} s)")
+    log(f"  unrolled depths {depths}: {c.flops / 1e12:.3f} TFLOP (compiled in {c.seconds:.0f} s)")
   m = get_config(preset).model
   flops[m.vit.depth, m.llm.depth] = (flops[1, 1] + (m.vit.depth - 1) * (flops[2, 1] - flops[1, 1])
                                      + (m.llm.depth - 1) * (flops[1, 2] - flops[1, 1]))
@@ -268,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       f"{args.videos} videos x {layout.frames} frames")
 
   log("global FLOPs per sample (one device):")
-  flops = depth_flops(args.preset, (1, 1, 1), 1, args.seq, args.videos, log)
+  flops = global_flops(args.preset, args.seq, args.videos, log)
   depth = (cfg.model.vit.depth, cfg.model.llm.depth)
   total = flops[depth]
   model_flops = analytic_flops(cfg.model, args.seq, args.videos, layout.frames, layout.text_len)
@@ -277,9 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     c = compile_step(plan_config(args.preset, mesh=plan.mesh), plan.batch, args.seq,
                      args.videos)
     log(f"  {plan.hardware.name}, mesh {plan.mesh}, {plan.batch} samples: compiled in "
-        f"{c.seconds:.0f} s (full depth, scanned: the memory figures)")
-    device = depth_flops(args.preset, plan.mesh, plan.batch, args.seq, args.videos, log)[depth]
-    rows.append((plan, c, device))
+        f"{c.seconds:.0f} s, {c.flops / 1e12:.2f} TFLOP per device (each stack counted once)")
+    rows.append((plan, c))
 
   train, frozen = rows[0][1].params
   print(f"\n### {args.preset} training step, AOT-compiled on abstract meshes (shapes only)\n")
@@ -296,35 +294,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         "norms, optimizer).\n")
   print(f"| hardware | mesh (data, fsdp, tensor) | samples / micro-step | state GB/device "
         f"(params + opt + frozen + batch) | XLA args / out / temp GB | peak GB/device | fits "
-        f"| TFLOP/step (XLA) | device share | s/step at {args.mfu:.0%} MFU | samples/s | s/step,"
-        f" device work at {args.mfu:.0%} of peak | compile s |")
+        f"| TFLOP/step (XLA) | work balance | s/step at {args.mfu:.0%} MFU | samples/s | s/step"
+        f" x balance | compile s |")
   print("|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
-  for plan, c, device in rows:
+  for plan, c in rows:
     hw, n = plan.hardware, math.prod(plan.mesh)
     mem = c.memory
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     step_flops = plan.batch * total
-    share = device / step_flops  # of the step, computed by one device (1/n: split evenly)
+    # Devices x one device's count over the one-device count, both with each layer stack
+    # counted once (as at depths (1, 1)): 1 when the work is split evenly, above 1 when
+    # devices repeat work (the partitioner's choice; a batch the data axes cannot split).
+    balance = c.flops * n / (plan.batch * flops[1, 1])
     t_mfu = plan.batch * model_flops["total"] / (args.mfu * n * hw.peak)
-    t_work = device / (args.mfu * hw.peak)
     state = c.state_bytes
     print(f"| {hw.name} | {plan.mesh} | {plan.batch} | {sum(state.values()) / 1e9:.1f} ("
           f"{state['params'] / 1e9:.2f} + {state['opt'] / 1e9:.2f} + {state['frozen'] / 1e9:.2f}"
           f" + {state['batch'] / 1e9:.2f}) | {mem.argument_size_in_bytes / 1e9:.1f} / "
           f"{mem.output_size_in_bytes / 1e9:.1f} / {mem.temp_size_in_bytes / 1e9:.1f} | "
           f"{peak_bytes / 1e9:.1f} | {'yes' if peak_bytes <= hw.memory else 'NO'} of "
-          f"{hw.memory / 1e9:.0f} | {step_flops / 1e12:.0f} | {share:.3f} (1/{1 / share:.1f}) | "
-          f"{t_mfu:.2f} | {plan.batch / t_mfu:.2f} | {t_work:.2f} | {c.seconds:.0f} |")
+          f"{hw.memory / 1e9:.0f} | {step_flops / 1e12:.0f} | {balance:.2f} | {t_mfu:.2f} | "
+          f"{plan.batch / t_mfu:.2f} | {t_mfu * balance:.2f} | {c.seconds:.0f} |")
   print("\npeak = args + out - aliased (donated) + temp, from XLA:CPU's buffer assignment; "
         "MFU = analytic model FLOPs / (time x devices x peak), peak bf16 dense: "
         + ", ".join(f"{h.name} {h.peak / 1e12:.0f} TFLOP/s x {h.devices}"
                     for h in HARDWARE.values())
-        + "; device share: XLA FLOPs of one device's partitioned program over the whole "
-        "step's (1/devices when the work is split evenly); the last time column runs each "
-        "device's XLA-counted work (remat recompute and any repeated work included) at the "
-        "stated fraction of its peak. XLA:CPU keeps many bf16 intermediates in f32, so the "
-        "temp bytes overstate what XLA:GPU/TPU would plan.")
+        + "; work balance: devices x one device's XLA count over the one-device count (each "
+        "layer stack counted once, i.e. measured at the (1, 1)-depth mix of work): 1 = split "
+        "evenly, > 1 = work repeated across devices, which stretches the step by that factor. "
+        "XLA:CPU keeps many bf16 intermediates in f32, so its temp bytes overstate what "
+        "XLA:GPU/TPU would plan.")
 
 
 if __name__ == "__main__":
