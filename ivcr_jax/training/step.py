@@ -43,7 +43,8 @@ def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
                      dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
   """L = L_M + alpha * L_V + beta * L_C (each a mean over its items), with each term logged.
 
-  With alpha = beta = 0 the aux terms are not even computed: the official training dynamics.
+  With alpha = beta = 0 the aux losses are not computed (official dynamics); the diagnostics
+  `index_acc` and `span_iou` are logged either way and carry no gradient.
   """
   logits = model(batch, dropout_key=dropout_key)
   lm_sum, lm_count = losses.lm_loss(logits, batch["labels"])
