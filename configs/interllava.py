@@ -109,7 +109,8 @@ def _data() -> ml_collections.ConfigDict:
   # Static batch shapes: sequence lengths and video-table sizes are rounded up to these buckets
   # (one compilation per bucket pair); the last sequence bucket is the longest sequence allowed.
   d.seq_buckets = (1024, 2048, 4096)
-  d.video_buckets = (11, 22, 44, 88)
+  # 1: a moment-only sample's one video; 10: a retrieval-only turn's candidates; 11: both.
+  d.video_buckets = (1, 10, 11, 22, 44, 88)
   d.max_digits = 6  # digits per number located for the aux losses
   # Tokenizers (ivcr_jax.data.tokenizer). "" tokenizer: the toy tokenizer (built offline).
   d.tokenizer = ""  # Hugging Face tokenizer directory of the LLM

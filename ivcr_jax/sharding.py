@@ -4,12 +4,18 @@ Every parameter carries logical axis names (`out_sharding` metadata, see
 `ivcr_jax.models.layers`). `config.mesh.rules` maps each name to a mesh axis; this module turns a
 model state into a tree of `NamedSharding`s. Meshes use Auto axis types (classic GSPMD-style
 propagation inside `jax.jit`).
+
+Activations are pinned the same way: models call `constrain(x, ("batch", ...))` on their main
+activations, which is a sharding constraint while an `activation_sharding(mesh, rules)` context
+is active (the training step sets it) and a no-op otherwise (one device, generation, tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import ml_collections
@@ -90,3 +96,38 @@ def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedShardi
   they do not divide it)."""
   axes = ("batch",) + (None,) * (len(shape) - 1)
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "ivcr_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Makes `constrain` pin activations on `mesh` by `rules` while tracing inside the block.
+
+  Without it, GSPMD propagation from the (sharded) inputs and parameters was found to leave the
+  activations of several samples per step unsharded (each device computing the whole batch).
+  """
+  token = _ACTIVATIONS.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`x` constrained to the sharding of its logical `axes` (missing trailing axes: None) under
+  `activation_sharding`; unchanged outside it, on one device, or when no named dimension can be
+  sharded (a fully replicated constraint would only take the partitioner's freedom away)."""
+  context = _ACTIVATIONS.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  if mesh.size == 1:
+    return x
+  axes = tuple(axes) + (None,) * (x.ndim - len(axes))
+  spec = logical_to_spec(axes, x.shape, mesh, rules)
+  if all(s is None for s in spec):
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -121,26 +121,16 @@ def abstract_batch(layout: Layout, seq: int, videos: int, item_shape: Sequence[i
 def abstract_state(split: step_lib.Split, tx, mesh: jax.sharding.Mesh, rules
                    ) -> tuple[dict, nnx.State]:
   """What `step.place` puts on `mesh` (train state and frozen weights), as sharded
-  ShapeDtypeStructs."""
-
-  def sds(x, sh):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-
-  params = jax.tree.map(
-      lambda axes, p: sds(p, jax.sharding.NamedSharding(
-          mesh, sharding.logical_to_spec(axes, p.shape, mesh, rules))),
-      split.axes, split.params, is_leaf=lambda x: isinstance(x, tuple))
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  # As in `place`: the moments inherit the parameters' shardings under jit; counters are made on
-  # one device and replicated.
-  opt_sh = jax.jit(tx.init).lower(params).compile().output_shardings
-  opt = jax.tree.map(lambda x, sh: sds(x, sh if len(sh.device_set) == mesh.size else replicated),
-                     jax.eval_shape(tx.init, params), opt_sh)
+  ShapeDtypeStructs with the shardings of `step.train_state_shardings`."""
+  state_sh, frozen_sh = step_lib.train_state_shardings(split, tx, mesh, rules)
+  sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+  shapes = {"params": split.params, "opt": jax.eval_shape(tx.init, split.params),
+            "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = jax.tree.map(sds, shapes, state_sh)
   leaves, treedef = jax.tree.flatten(split.frozen)
-  frozen_sh = jax.tree.leaves(sharding.state_shardings(split.frozen, mesh, rules))
-  frozen = treedef.unflatten([sds(x, sh) for x, sh in zip(leaves, frozen_sh, strict=True)])
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-  return {"params": params, "opt": opt, "step": step}, frozen
+  frozen = treedef.unflatten([sds(x, sh) for x, sh in zip(leaves, jax.tree.leaves(frozen_sh),
+                                                          strict=True)])
+  return state, frozen
 
 
 def per_device_bytes(tree) -> float:

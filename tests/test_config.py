@@ -29,6 +29,8 @@ def test_official_and_paper_settings():
   assert (official.model.video.window, official.model.video.stride) == (32, 32)
   assert official.train.weight_decay == 0.05 and paper.train.weight_decay == 1e-6
   assert (paper.data.frames_retrieval, paper.data.frames_moment) == (12, 96)
+  # A moment-only sample (1 video) or a retrieval-only turn (10) is not padded to 11 videos.
+  assert official.data.video_buckets[:3] == paper.data.video_buckets[:3] == (1, 10, 11)
   small = interllava.get_config("small").model
   assert (small.vit.width, small.vit.depth, small.vit.mlp_dim, small.llm.mlp_dim) == (
       256, 4, 1117, 688)

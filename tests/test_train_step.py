@@ -1,15 +1,19 @@
-"""The jitted train step: sharded equals single-device, differentiable aux terms, official mode."""
+"""The jitted train step: sharded equals single-device, optimizer state and activations sharded,
+differentiable aux terms, official mode."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ivcr_jax import sharding
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
+from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 
 DIGITS = tuple(range(100, 110))
 
@@ -75,6 +79,9 @@ def test_sharded_step_equals_single_device(tiny_config):
     for _ in range(2):
       state, metrics = fn(state, frozen, batch, jax.random.key(0))
       losses.append(float(metrics["loss"]))
+    for moment in ("mu", "nu"):  # the step keeps the moments where the parameters are
+      assert jax.tree.map(lambda m, p: m.sharding == p.sharding,
+                          optax.tree.get(state["opt"], moment), state["params"])
     results.append((losses, jax.tree.map(np.asarray, state["params"])))
   (l1, p1), (l8, p8) = results
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
@@ -85,6 +92,87 @@ def test_sharded_step_equals_single_device(tiny_config):
   assert moved(lambda p: p["llm"]["layers"]["self_attn"]["q_proj"]["lora_b"])
   assert moved(lambda p: p["vision"]["projection"]["kernel"])
   assert moved(lambda p: p["vision"]["qformer"]["layers"][0]["mlp_query"]["fc1"]["kernel"])
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_optimizer_state_is_sharded_like_the_parameters(tiny_config, accum, tmp_path):
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 8, 1)
+    cfg.train.grad_accum = accum  # 4: optax.MultiSteps keeps accumulated gradients too
+  split = step_lib.Split.of(InterLLaVA(cfg.model, rngs=nnx.Rngs(0)), cfg.model.trainable)
+  tx = optimizer.make_optimizer(cfg.train)
+  state, _ = step_lib.place(split, tx, sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
+  params, opt = state["params"], state["opt"]
+  copies = ("mu", "nu") + (("acc_grads",) if accum > 1 else ())
+  for name in copies:
+    part = optax.tree.get(opt, name)
+    assert jax.tree.structure(part) == jax.tree.structure(params)
+    for m, p in zip(jax.tree.leaves(part), jax.tree.leaves(params), strict=True):
+      assert m.sharding == p.sharding and m.shape == p.shape
+  counters = [x for x in jax.tree.leaves(opt) if x.ndim == 0]
+  assert counters and all(x.sharding.is_fully_replicated for x in counters)
+  per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+  total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  # One device holds its parameters' shards once per copy (plus the counters), far less than the
+  # replicated state it used to hold.
+  assert per_device(opt) == len(copies) * per_device(params) + total(counters)
+  assert per_device(opt) < total(opt) / 4
+  # A checkpoint of the sharded state restores onto the same shardings (the trainer's resume).
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1)
+  ckpt.save(1, state)
+  ckpt.wait()
+  restored, _, _ = ckpt.restore(abstract_like(state))
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_constrain_pins_the_batch_dim_only_under_a_mesh_context(tiny_config):
+  rules = tiny_config.mesh.rules
+  mesh_cfg = tiny_config.mesh.copy_and_resolve_references()
+  with mesh_cfg.unlocked():
+    mesh_cfg.shape = (1, 8, 1)
+  mesh = sharding.make_mesh(mesh_cfg)
+  x = jnp.ones((16, 3))
+  pinned = jax.jit(lambda x: sharding.constrain(x * 2, ("batch",)) + 1)
+  assert sharding.constrain(x, ("batch",)) is x  # no context: generation, single-device use
+  assert pinned(x).sharding.is_fully_replicated
+  with sharding.activation_sharding(mesh, rules):
+    assert sharding.constrain(jnp.ones((6, 3)), ("batch",)).sharding.is_fully_replicated
+    y = jax.jit(lambda x: sharding.constrain(x * 2, ("batch",)) + 1)(x)  # traced in the context
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp")), y.ndim)
+  with mesh_cfg.unlocked():
+    mesh_cfg.shape = (1, 1, 1)
+  with sharding.activation_sharding(sharding.make_mesh(mesh_cfg), rules):
+    assert sharding.constrain(x, ("batch",)) is x
+
+
+def test_model_activations_are_constrained_to_the_batch_axes(tiny_config):
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.mesh.shape = (2, 2, 2)
+  mesh = sharding.make_mesh(cfg.mesh)
+  model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
+  batch = synthetic_batch(cfg, model)  # 4 sequences of 96, 4 videos x 12 frames
+  graphdef, state = nnx.split(model)
+  forward = lambda state, batch: nnx.merge(graphdef, state)(batch)
+
+  def in_context(state, batch):
+    with sharding.activation_sharding(mesh, cfg.mesh.rules):
+      return forward(state, batch)
+
+  lowered = lambda fn: jax.jit(fn).lower(state, batch).as_text()
+  assert "sharding_constraint" not in lowered(forward)
+  lines = [line for line in lowered(in_context).splitlines() if "sharding_constraint" in line]
+  assert lines and all('[{"data", "fsdp"}, {}' in line for line in lines)
+  hidden = cfg.model.llm.hidden
+  for shape in ("48x32x32x3",  # ViT frames (4 videos x 12)
+                f"48x{1 + (32 // 8) ** 2}x{cfg.model.vit.width}",  # ViT output, image Q-Former
+                f"8x{8 * 14}x{cfg.model.qformer.hidden}",  # video Q-Former keys (8 windows)
+                f"4x96x{hidden}"):  # LLaMA input embeddings and hidden states
+    assert any(f"tensor<{shape}x" in line for line in lines), shape
 
 
 def test_aux_terms_alone_have_gradients_on_trainable_params(tiny_config):

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.models import layers
 
 # CLIP pixel statistics used by the official `NormalizeVideo`.
@@ -86,6 +87,7 @@ class EvaViT(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     n = images.shape[0]
+    images = sharding.constrain(images, ("batch",))  # frames split over the data axes
     x = self.patch_embed(self.patchify(images.astype(self.dtype)))
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
@@ -95,10 +97,11 @@ class EvaViT(nnx.Module):
           "resize it "
           "with ivcr_jax.models.eva_vit.resize_pos_embed for other image sizes")
     x = x + self.pos_embed[...].astype(x.dtype)
-    x = layers.scan_layers(self.blocks, x, lambda blk, h, _: blk(h), num_layers=self.cfg.depth,
-                           dropout_key=None, remat=self.cfg.remat,
+    x = layers.scan_layers(self.blocks, x,
+                           lambda blk, h, _: sharding.constrain(blk(h), ("batch",)),
+                           num_layers=self.cfg.depth, dropout_key=None, remat=self.cfg.remat,
                            unroll=not self.cfg.scan_layers)
-    return self.ln_vision(x.astype(jnp.float32))
+    return sharding.constrain(self.ln_vision(x.astype(jnp.float32)), ("batch",))
 
 
 def flops_per_image(cfg: ml_collections.ConfigDict) -> float:

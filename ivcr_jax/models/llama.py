@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.models import layers
 
 # Tokens added to Llama-2's vocabulary by InterLLaVA (ids 32000-32004, reference §1.6).
@@ -322,7 +323,7 @@ class Llama(nnx.Module):
       dropout_key: PRNG key for LoRA dropout in training, None otherwise.
       return_hidden: also return the final-norm hidden states `[B, L, hidden]`.
     """
-    x = self._inputs(input_ids, inputs_embeds)
+    x = sharding.constrain(self._inputs(input_ids, inputs_embeds), ("batch",))
     b, length = x.shape[:2]
     if attention_mask is None:
       attention_mask = jnp.ones((b, length), bool)
@@ -330,10 +331,12 @@ class Llama(nnx.Module):
       position_ids = jnp.broadcast_to(jnp.arange(length), (b, length))
     cos, sin = self.rope(position_ids)
     mask = make_mask(jnp.arange(length), attention_mask.astype(bool), segment_ids)
-    x = self._run_layers(x, lambda blk, h, key: blk(h, cos, sin, mask, dropout_key=key)[0],
-                         dropout_key=dropout_key, remat=self.cfg.remat)
+    x = self._run_layers(
+        x, lambda blk, h, key: sharding.constrain(
+            blk(h, cos, sin, mask, dropout_key=key)[0], ("batch",)),
+        dropout_key=dropout_key, remat=self.cfg.remat)
     hidden = self.norm(x)
-    logits = self.logits(hidden)
+    logits = sharding.constrain(self.logits(hidden), ("batch", None, "vocab"))
     return (logits, hidden) if return_hidden else logits
 
   def decode(self, inputs_embeds: jax.Array, *, position_ids: jax.Array,

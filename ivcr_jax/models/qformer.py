@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.models import layers
 
 
@@ -142,6 +143,7 @@ class QFormer(nnx.Module):
       dropout_key: PRNG key in training, None for deterministic evaluation.
     """
     num_queries = queries.shape[1]
+    batch_axes = ("batch",)  # images (image Q-Former) or windows (video Q-Former)
     x = queries.astype(jnp.float32)
     mask = None
     if text_ids is not None:
@@ -154,10 +156,11 @@ class QFormer(nnx.Module):
         mask = jnp.concatenate([ones, text_mask.astype(bool)], axis=1)
     x = layers.dropout(self.embeddings.layernorm(x), self.cfg.dropout,
                        layers.sub_key(dropout_key, 0)).astype(self.dtype)
-    encoder = encoder.astype(self.dtype)
+    x = sharding.constrain(x, batch_axes)
+    encoder = sharding.constrain(encoder.astype(self.dtype), batch_axes)
     call = (nnx.remat(QFormerLayer.__call__, static_argnums=(5,)) if self.cfg.remat
             else QFormerLayer.__call__)
     for i, layer in enumerate(self.layers):
-      x = call(layer, x, mask, encoder, encoder_mask, num_queries,
-               layers.sub_key(dropout_key, i + 1))
+      x = sharding.constrain(call(layer, x, mask, encoder, encoder_mask, num_queries,
+                                  layers.sub_key(dropout_key, i + 1)), batch_axes)
     return x

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.models import layers
 from ivcr_jax.models.eva_vit import EvaViT, clip_normalize
 from ivcr_jax.models.qformer import QFormer
@@ -131,6 +132,6 @@ class VisionTower(nnx.Module):
                                      (v * n_w, num_vq, keys.shape[-1]))
     out = self.video_qformer(video_queries, keys, encoder_mask=key_mask.reshape(v * n_w, -1),
                              dropout_key=layers.sub_key(dropout_key, 1))
-    tokens = self.projection(out).reshape(v, n_w * num_vq, -1)
+    tokens = sharding.constrain(self.projection(out).reshape(v, n_w * num_vq, -1), ("batch",))
     window_valid = jnp.arange(n_w)[None, :] * stride < num_frames[:, None]  # [V, n_w]
     return tokens, jnp.repeat(window_valid, num_vq, axis=1)

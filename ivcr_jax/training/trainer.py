@@ -86,7 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   train_step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state,
                                        frozen, to_global(first, mesh, config.mesh.rules), mesh,
                                        config.mesh.rules)
-  eval_step = jax.jit(step_lib.make_eval_step(split, loss_cfg))
+  eval_step = jax.jit(step_lib.pinned(step_lib.make_eval_step(split, loss_cfg), mesh,
+                                     config.mesh.rules))
   writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
   key = jax.random.key(config.seed)
   history: list[dict] = []
