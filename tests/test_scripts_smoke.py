@@ -1,13 +1,13 @@
-"""The benchmark scripts keep working: bench_train's runner times the trainer's step on a real toy
-batch, and plan_7b's abstract batch and compile match what the pipeline and the trainer use (at
-the tiny preset, dropout off to halve the compile times)."""
+"""The benchmark and probe scripts keep working: bench_train's runner times the trainer's step
+on a real toy batch, plan_7b's abstract batch and compile match what the pipeline and the trainer
+use (at the tiny preset, dropout off to halve the compile times), and probe_binding trains."""
 
 import numpy as np
 import pytest
 
 from ivcr_jax import experiment
 from ivcr_jax.data import records
-from scripts import bench_train, plan_7b
+from scripts import bench_train, plan_7b, probe_binding
 
 
 def _no_dropout(cfg):
@@ -54,3 +54,8 @@ def test_plan_7b_compiles_abstract_step(toy):
   assert c.flops > 0 and c.memory.temp_size_in_bytes > 0
   # FSDP over 2 devices: one device holds less than all the (f32) trainable parameters.
   assert 0 < c.state_bytes["params"] < 4 * c.params[0]
+
+
+def test_probe_binding_runs():
+  accuracy = probe_binding.main(["--steps", "4", "--report_every", "2", "--batch", "2"])
+  assert 0.0 <= accuracy <= 1.0
