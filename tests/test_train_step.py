@@ -158,13 +158,9 @@ def test_model_activations_are_constrained_to_the_batch_axes(tiny_config):
   batch = synthetic_batch(cfg, model)  # 4 sequences of 96, 4 videos x 12 frames
   graphdef, state = nnx.split(model)
   forward = lambda state, batch: nnx.merge(graphdef, state)(batch)
-
-  def in_context(state, batch):
-    with sharding.activation_sharding(mesh, cfg.mesh.rules):
-      return forward(state, batch)
-
   lowered = lambda fn: jax.jit(fn).lower(state, batch).as_text()
   assert "sharding_constraint" not in lowered(forward)
+  in_context = step_lib.pinned(forward, mesh, cfg.mesh.rules)  # as the train and eval steps
   lines = [line for line in lowered(in_context).splitlines() if "sharding_constraint" in line]
   assert lines and all('[{"data", "fsdp"}, {}' in line for line in lines)
   hidden = cfg.model.llm.hidden
