@@ -109,7 +109,8 @@ def _data() -> ml_collections.ConfigDict:
   # Static batch shapes: sequence lengths and video-table sizes are rounded up to these buckets
   # (one compilation per bucket pair); the last sequence bucket is the longest sequence allowed.
   d.seq_buckets = (1024, 2048, 4096)
-  # 1: a moment-only sample's one video; 10: a retrieval-only turn's candidates; 11: both.
+  # Sizes of the global video table (P processes hold 1/P of it each). 1: a moment-only
+  # sample's one video; 10: a retrieval-only turn's candidates; 11: both.
   d.video_buckets = (1, 10, 11, 22, 44, 88)
   d.max_digits = 6  # digits per number located for the aux losses
   # Tokenizers (ivcr_jax.data.tokenizer). "" tokenizer: the toy tokenizer (built offline).
@@ -146,6 +147,9 @@ def _train() -> ml_collections.ConfigDict:
   t.eval_every = 5000  # validation loss every N micro-steps (0: never)
   t.checkpoint_every = 5000
   t.keep_checkpoints = 3
+  # End this invocation after this micro-step (0: at num_steps), with a checkpoint there; the
+  # schedule stays num_steps' and the same command resumes (time-sliced jobs, tests).
+  t.stop_after = 0
   t.evaluate_after = False  # generate + score the test split when training ends (demo: on)
   return t
 

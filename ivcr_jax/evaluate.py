@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ivcr_jax import experiment
+from ivcr_jax import experiment, multihost
 from ivcr_jax.evaluation import evaluator
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,6 +36,7 @@ _HISTORY = flags.DEFINE_enum("history", "oracle", list(evaluator.HISTORY_MODES),
                              "oracle: ground-truth history; interactive: the model's own.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _MAX = flags.DEFINE_integer("max_dialogues", 0, "Evaluate only the first N dialogues (0: all).")
+_INITIALIZE = multihost.define_flags()
 _OFFICIAL_PARSING = flags.DEFINE_bool(
     "official_parsing", None, "Parse generated answers with the official parsers, bugs included "
     "(default: config.evaluation.official_parsing).")
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  _INITIALIZE()
   try:
     metrics = evaluator.run(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
                             history=_HISTORY.value, step=_STEP.value, max_dialogues=_MAX.value,
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
-  print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
+  if multihost.is_main():
+    print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from ivcr_jax import multihost, sharding
 from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.data import feature_store, prepare, records, stores, toy_corpus
 from ivcr_jax.data import tokenizer as tokenizer_lib
@@ -97,16 +98,17 @@ class Data:
     return records.make_samples(self.dialogues(split), mode)
 
   def encoder(self, config: ml_collections.ConfigDict, training: bool,
-              model: InterLLaVA | None = None) -> SampleEncoder:
-    """The per-sample encoder; `model` is needed with a feature store (`data.features`), whose
-    ViT must be the model's."""
+              model: InterLLaVA | None = None, layout: Layout | None = None) -> SampleEncoder:
+    """The per-sample encoder for batches of `layout` (default: this process's share of a
+    training batch); `model` is needed with a feature store (`data.features`), whose ViT must
+    be the model's."""
     fingerprint = None
     if config.data.features:
       if model is None:
         raise ValueError("a feature store needs the model whose ViT it must match")
       fingerprint = feature_store.vit_fingerprint(model.vision)
     return SampleEncoder(config, self.tokenizer, self.frame_store, training=training,
-                         layout=self.layout, qformer_tokenizer=self.qformer_tokenizer,
+                         layout=layout or self.layout, qformer_tokenizer=self.qformer_tokenizer,
                          vit_fingerprint=fingerprint)
 
 
@@ -132,13 +134,16 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
                   frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all",
                                                 resize=d.resize_mode),
                   options=records.RecordOptions.from_config(d))
-    built = prepare.read_report(store_dir)
-    if built is None or built.get("recipe") != prepare.recipe(annotations=None, video_root=None,
-                                                              **wanted):
-      logging.info("building the toy corpus and its stores in %s", store_dir)
-      prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
-    tokenizer_dir = d.tokenizer or tokenizer_lib.build_toy_tokenizer(
-        os.path.join(store_dir, "tokenizer"))
+    tokenizer_dir = d.tokenizer or os.path.join(store_dir, "tokenizer")
+    if multihost.is_main():  # one writer; the other processes wait for it
+      built = prepare.read_report(store_dir)
+      if built is None or built.get("recipe") != prepare.recipe(annotations=None,
+                                                                video_root=None, **wanted):
+        logging.info("building the toy corpus and its stores in %s", store_dir)
+        prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
+      if not d.tokenizer:
+        tokenizer_lib.build_toy_tokenizer(tokenizer_dir)
+    multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
   else:
     store_dir, tokenizer_dir = d.stores, d.tokenizer
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
@@ -146,7 +151,7 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
                        if d.qformer_tokenizer else tokenizer)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
   # Each process assembles its share of the global batch (train.batch_size).
-  layout = Layout.from_config(config, config.train.batch_size // jax.process_count())
+  layout = Layout.from_config(config, process_count=jax.process_count())
   return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, layout)
 
 
@@ -160,23 +165,26 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections
   return m
 
 
-def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None = None
-                ) -> InterLLaVA:
+def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None = None, *,
+                mesh: jax.sharding.Mesh | None = None) -> InterLLaVA:
   """InterLLaVA restored from `weights.init_checkpoint` (the full model that
-  `python -m ivcr_jax.import_weights` writes), or randomly initialised when that is empty.
+  `python -m ivcr_jax.import_weights` writes), or randomly initialised when that is empty, its
+  parameters on `mesh` (default: `config.mesh`) by `config.mesh.rules`.
 
-  The restore is abstract-first: the model is `nnx.eval_shape`d and the checkpoint restored into
-  it, so its random initial weights never exist.
+  Abstract-first: the model is `nnx.eval_shape`d, then initialised (jitted, with output
+  shardings) or restored straight into the shardings, so no parameter ever lives whole on one
+  device unless the rules replicate it, and a restored model's random weights never exist.
   """
   cfg = model_config(config, tokenizer)
   make = lambda: InterLLaVA(cfg, rngs=nnx.Rngs(config.seed if seed is None else seed))
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   path = config.weights.init_checkpoint
   if not path:
-    return make()
+    return sharding.create_sharded(make, mesh, config.mesh.rules)
   if not os.path.exists(path):
     raise MissingInputsError(
         f"weights.init_checkpoint = {path} does not exist; build it from the official initial "
         f"weights with: python -m ivcr_jax.import_weights --config=configs/interllava.py"
         f"{':' + config.preset if config.preset != 'official' else ''} --out={path}")
   logging.info("restoring the initial weights from %s", path)
-  return checkpoint_chain.load_init_checkpoint(path, make)
+  return checkpoint_chain.load_init_checkpoint(path, make, mesh, config.mesh.rules)

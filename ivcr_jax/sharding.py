@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -89,6 +89,16 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
     return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
 
   return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+  """The module `make()` builds, each variable initialised straight in its sharding (a jitted
+  init with `out_shardings`): no array of the model ever lives whole on one device unless the
+  rules replicate it."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  state = jax.jit(lambda: nnx.split(make())[1],
+                  out_shardings=state_shardings(abstract, mesh, rules))()
+  return nnx.merge(graphdef, state)
 
 
 def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:

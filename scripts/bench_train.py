@@ -132,7 +132,7 @@ class Runner:
     if key not in self.cache:
       rules = self.config.mesh.rules
       fn = step_lib.jit_train_step(step_lib.make_train_step(self.split, self.tx, self.loss_cfg),
-                                   self.state, self.frozen, batch, self.mesh, rules)
+                                   self.state, self.mesh, rules)
       start = time.perf_counter()
       compiled = fn.lower(self.state, self.frozen, batch, self.key).compile()
       self.cache[key] = [compiled, float(compiled.cost_analysis()["flops"]),

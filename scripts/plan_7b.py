@@ -163,7 +163,7 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
   batch_sds = abstract_batch(layout, seq, videos_per_sample * batch, (size, size, 3))
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(split, tx, step_lib.LossConfig.from_config(cfg.train, DIGITS)),
-      state, frozen, batch_sds, mesh, rules)
+      state, mesh, rules)
   batch_sds = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for (k, v), sh in zip(
       batch_sds.items(), step_lib.batch_shardings(batch_sds, mesh, rules).values(), strict=True)}
   compiled = fn.lower(state, frozen, batch_sds, jax.eval_shape(jax.random.key, 0)).compile()

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ivcr_jax import sharding
 from ivcr_jax.models.interllava import InterLLaVA
-from ivcr_jax.training import optimizer
+from ivcr_jax.training import feed, optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 
@@ -64,9 +64,9 @@ def _setup(cfg, mesh_shape, *, alpha=0.01, beta=0.01):
   mesh = sharding.make_mesh(cfg.mesh)
   state, frozen = step_lib.place(split, tx, mesh, cfg.mesh.rules)
   loss_cfg = step_lib.LossConfig.from_config(cfg.train, DIGITS)
-  fn = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state, frozen,
-                               batch, mesh, cfg.mesh.rules)
-  return fn, state, frozen, batch, split
+  fn = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state, mesh,
+                               cfg.mesh.rules)
+  return fn, state, frozen, feed.place_batch(batch, mesh, cfg.mesh.rules), split
 
 
 def test_sharded_step_equals_single_device(tiny_config):
@@ -121,9 +121,14 @@ def test_optimizer_state_is_sharded_like_the_parameters(tiny_config, accum, tmp_
   # A checkpoint of the sharded state restores onto the same shardings (the trainer's resume).
   ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1)
   ckpt.save(1, state)
-  ckpt.wait()
-  restored, _, _ = ckpt.restore(abstract_like(state))
   ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  restored, _, _ = ckpt.restore(abstract_like(state))
+  params, _ = ckpt.restore_params(abstract_like(state["params"]))  # evaluation: no optimizer
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params), strict=True):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

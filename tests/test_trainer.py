@@ -1,11 +1,11 @@
 """The training loop: exact resume (weights, optimizer, data position), NaN guard, event files."""
 
-import grain
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from ivcr_jax.data.pipeline import Layout
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import event_file, trainer
 from tests.test_train_step import DIGITS, synthetic_batch
@@ -21,32 +21,25 @@ def _config(tiny_config, steps, **train):
 
 
 def _batches(cfg, model):
-  """A grain iterator of distinct synthetic batches (checkpointable position)."""
-  return iter(grain.MapDataset.range(100).map(
-      lambda i: synthetic_batch(cfg, model, seed=int(i))).to_iter_dataset())
+  """`train_batches(start)`: distinct synthetic batches from global sample position `start`."""
+  size = cfg.train.batch_size
+  return lambda start: (synthetic_batch(cfg, model, seed=i) for i in range(start // size, 100))
 
 
 class Killed(Exception):
   pass
 
 
-class KilledAfter:
-  """Dies when asked for batch `n` (as a killed process would), keeping grain's state API."""
+def _killed_after(batches, n):
+  """`batches` whose iterators die when asked for batch `n` (as a killed process would)."""
 
-  def __init__(self, it, n):
-    self.it, self.n = it, n
+  def make(start):
+    it = batches(start)
+    for _ in range(n):
+      yield next(it)
+    raise Killed
 
-  def __next__(self):
-    if self.n == 0:
-      raise Killed
-    self.n -= 1
-    return next(self.it)
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
+  return make
 
 
 def _train(cfg, workdir, steps=None, kill_after=None, on_log=None):
@@ -56,9 +49,10 @@ def _train(cfg, workdir, steps=None, kill_after=None, on_log=None):
       cfg.train.num_steps = steps
   batches = _batches(cfg, model)
   if kill_after is not None:
-    batches = KilledAfter(batches, kill_after)
+    batches = _killed_after(batches, kill_after)
   val = lambda: [synthetic_batch(cfg, model, seed=1000)]
-  return trainer.run(cfg, str(workdir), model, batches, DIGITS, val_batches=val, on_log=on_log)
+  return trainer.run(cfg, str(workdir), model, batches, DIGITS, layout=Layout.from_config(cfg),
+                     val_batches=val, on_log=on_log)
 
 
 def test_resume_is_exact(tiny_config, tmp_path):

@@ -71,7 +71,6 @@ def test_event_file_round_trip(tmp_path):
 
 
 def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
-  import grain
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
 
@@ -82,25 +81,28 @@ def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
   with mesh_cfg.unlocked():
     mesh_cfg.shape = (1, 8, 1)
   mesh8 = sharding.make_mesh(mesh_cfg)
-  state = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4),
-                               NamedSharding(mesh8, PartitionSpec("fsdp", None))),
-           "step": jnp.int32(7)}
-  it = iter(grain.MapDataset.range(20).to_iter_dataset())
-  [next(it) for _ in range(5)]
+  state = {"params": {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4),
+                                          NamedSharding(mesh8, PartitionSpec("fsdp", None)))},
+           "opt": {"mu": jnp.ones((3,))}, "step": jnp.int32(7)}
   ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, save_every=1)
   for step in (1, 2, 3):
-    ckpt.save(step, state, data_iterator=it, meta={"note": f"s{step}"})
-  ckpt.wait()
+    ckpt.save(step, state, meta={"note": f"s{step}", "samples_seen": 4 * step})
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, save_every=1)
   assert ckpt.all_steps() == [2, 3]  # keep-N
   with mesh_cfg.unlocked():
     mesh_cfg.shape = (1, 2, 4)
   mesh24 = sharding.make_mesh(mesh_cfg)
-  target = abstract_like(state, {"w": NamedSharding(mesh24, PartitionSpec("tensor", "fsdp")),
-                                 "step": NamedSharding(mesh24, PartitionSpec())})
-  fresh = iter(grain.MapDataset.range(20).to_iter_dataset())
-  restored, meta, step = ckpt.restore(target, data_iterator=fresh)
+  replicated = NamedSharding(mesh24, PartitionSpec())
+  target = abstract_like(state, {
+      "params": {"w": NamedSharding(mesh24, PartitionSpec("tensor", "fsdp"))},
+      "opt": {"mu": replicated}, "step": replicated})
+  restored, meta, step = ckpt.restore(target)
+  params, params_step = ckpt.restore_params(target["params"], step=2)
   ckpt.close()
-  assert step == 3 and meta == {"note": "s3"}
-  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32.0).reshape(8, 4))
-  assert restored["w"].sharding.spec == PartitionSpec("tensor", "fsdp")
-  assert next(fresh) == 5  # the data position resumes exactly
+  assert step == 3 and meta == {"note": "s3", "samples_seen": 12} and params_step == 2
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]),
+                                np.arange(32.0).reshape(8, 4))
+  assert restored["params"]["w"].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert int(restored["step"]) == 7 and np.asarray(restored["opt"]["mu"]).tolist() == [1.0] * 3
+  assert params["w"].sharding.spec == PartitionSpec("tensor", "fsdp")

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from configs.interllava import get_config
-from ivcr_jax import experiment
+from ivcr_jax import experiment, sharding
 from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.convert.mapping import CheckpointError
 from ivcr_jax.data import tokenizer as tokenizer_lib
@@ -352,4 +352,6 @@ def test_bad_files_fail_naming_the_file_or_key(files, tokenizer, tmp_path):
   with pytest.raises(CheckpointError, match=r"frame_position_embedding/embedding: stored "
                                             r"\(64, 64\), model \(32, 64\)"):
     checkpoint_chain.load_init_checkpoint(tmp_path / "init",
-                                          lambda: InterLLaVA(other, rngs=nnx.Rngs(0)))
+                                          lambda: InterLLaVA(other, rngs=nnx.Rngs(0)),
+                                          sharding.make_mesh(get_config("tiny").mesh),
+                                          get_config("tiny").mesh.rules)

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
 from ivcr_jax.convert.mapping import CheckpointError, Path, Rule
 from ivcr_jax.convert.sources import (
@@ -314,10 +315,11 @@ def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
   return out
 
 
-def load_init_checkpoint(path: str | os.PathLike, make: Callable[[], nnx.Module]
-                         ) -> nnx.Module:
-  """The module `make()` would build, with its parameters restored from `path` instead of
-  initialised (built abstractly first: the random weights never exist).
+def load_init_checkpoint(path: str | os.PathLike, make: Callable[[], nnx.Module],
+                         mesh: jax.sharding.Mesh, rules) -> nnx.Module:
+  """The module `make()` would build, with its parameters restored from `path` straight into
+  their shardings on `mesh` by `rules` (built abstractly first: the random weights never exist,
+  and no parameter lives whole on one device unless the rules replicate it).
 
   Raises:
     CheckpointError naming the parameters whose shapes differ or that are missing/extra (e.g. a
@@ -325,9 +327,9 @@ def load_init_checkpoint(path: str | os.PathLike, make: Callable[[], nnx.Module]
   """
   path = os.path.abspath(os.fspath(path))
   graphdef, state = nnx.split(nnx.eval_shape(make))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(state))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        nnx.to_pure_dict(state), shardings)
   checkpointer = _checkpointer()
   stored = _flat(checkpointer.metadata(path).item_metadata["params"].tree)
   wanted = _flat(target)

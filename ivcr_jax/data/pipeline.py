@@ -19,6 +19,10 @@ its video yields embeddings, and write `video_slot` (-1 for text, else the row o
 `[V * tokens_per_video]` video-embedding table), labels, positions and the digit positions of
 every index/span answer for the aux losses. Sequence length and video-table size are rounded up
 to a few buckets, so the train step compiles once per bucket pair, never per batch.
+
+Several processes: each assembles its own rows of a global batch (`train_dataset`), then
+`pad_batch` brings every share to the shapes all processes agreed on and points its
+`video_slot` at its own rows of the global video table (`ivcr_jax.training.feed`).
 """
 
 from __future__ import annotations
@@ -72,11 +76,19 @@ class Layout:
     return self.queries * math.ceil(num_frames / self.stride)
 
   @classmethod
-  def from_config(cls, config, batch_size: int | None = None) -> Layout:
+  def from_config(cls, config, batch_size: int | None = None, process_count: int = 1) -> Layout:
+    """The layout of a batch of `batch_size` (default `train.batch_size`) rows, or of one
+    process's share when `process_count` > 1: 1/P of the rows and of every video bucket
+    (`data.video_buckets` size the global table), so the samples fit alike on any number of
+    processes."""
     m, d = config.model, config.data
     frames = max(d.frames_retrieval, d.frames_moment)
-    return cls(batch_size=batch_size or config.train.batch_size,
-               seq_buckets=tuple(d.seq_buckets), video_buckets=tuple(d.video_buckets),
+    batch = batch_size or config.train.batch_size
+    if batch % process_count:
+      raise ValueError(f"batch size {batch} is not a multiple of the {process_count} processes "
+                       "(each assembles an equal share)")
+    return cls(batch_size=batch // process_count, seq_buckets=tuple(d.seq_buckets),
+               video_buckets=tuple(-(-b // process_count) for b in d.video_buckets),
                frames=frames, text_len=d.qformer_text_len,
                queries=m.video_qformer.num_query_tokens, stride=m.video.stride,
                max_numbers=d.max_turns, max_digits=d.max_digits)
@@ -348,12 +360,53 @@ def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], 
       aux["span_valid"][row, j] = True
 
 
-class _Elements:
-  """Position -> encoded element, the samples permuted afresh every epoch. A plain object (not a
-  closure) so that grain can pickle it into worker processes."""
+def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, videos: int,
+              first_video_row: int = 0) -> dict[str, np.ndarray]:
+  """`batch` padded to `seq_len` positions and a table of `videos` rows, its `video_slot` pointing
+  into a global table in which this batch's rows start at `first_video_row`.
 
-  def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, seed: int):
+  Multi-process runs: every process pads its share to the shapes all processes agreed on, and
+  process k's rows follow those of processes 0..k-1 in the global video table. Padding positions
+  are masked text, padding table rows empty videos (one frame, no text) that no slot refers to.
+  """
+  b, s = batch["input_ids"].shape
+  v = batch["num_frames"].shape[0]
+  if seq_len < s or videos < v:
+    raise ValueError(f"cannot pad a batch of {s} positions and {v} videos to {seq_len} and "
+                     f"{videos}")
+  fill = {"labels": IGNORE, "video_slot": -1}
+  out = {}
+  for key, x in batch.items():
+    if key in _PER_POSITION:
+      out[key] = np.pad(x, [(0, 0), (0, seq_len - s)], constant_values=fill.get(key, 0))
+    elif key in _PER_VIDEO:
+      out[key] = np.pad(x, [(0, videos - v)] + [(0, 0)] * (x.ndim - 1),
+                        constant_values=1 if key == "num_frames" else 0)
+    else:
+      out[key] = x
+  if first_video_row:
+    slot = out["video_slot"]
+    per_video = layout.tokens_per_video(layout.frames)
+    out["video_slot"] = np.where(slot >= 0, slot + first_video_row * per_video, slot)
+  return out
+
+
+_PER_POSITION = ("input_ids", "labels", "video_slot", "attention_mask", "position_ids")
+_PER_VIDEO = ("frames", "features", "num_frames", "qformer_text_ids", "qformer_text_mask")
+
+
+class _Elements:
+  """Position in this process's stream -> encoded element. Global sample positions run through
+  epochs (a fresh permutation each) in global batches of `local_batch * process_count`; process
+  k takes rows `[k * local_batch, (k + 1) * local_batch)` of each, so the global order does not
+  depend on the number of processes. A plain object (not a closure) so that grain can pickle it
+  into worker processes."""
+
+  def __init__(self, samples: Sequence[Sample], encoder: SampleEncoder, seed: int, *,
+               start: int, local_batch: int, process_index: int, process_count: int):
     self.samples, self.encoder, self.seed = samples, encoder, seed
+    self.start, self.local_batch = start, local_batch
+    self.process_index, self.process_count = process_index, process_count
     self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), one swap per epoch
 
   def order(self, epoch: int) -> np.ndarray:
@@ -363,27 +416,39 @@ class _Elements:
       self._order = cached
     return cached[1]
 
+  def position(self, i: int) -> int:
+    """The global sample position of this process's `i`-th element."""
+    batch, row = divmod(int(i), self.local_batch)
+    return (self.start + batch * self.local_batch * self.process_count
+            + self.process_index * self.local_batch + row)
+
   def __call__(self, i: int) -> dict[str, Any]:
-    epoch, j = divmod(int(i), len(self.samples))
+    epoch, j = divmod(self.position(i), len(self.samples))
     return self.encoder(self.samples[int(self.order(epoch)[j])], epoch)
 
 
 def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Layout, *,
-                  seed: int, process_index: int = 0, process_count: int = 1,
+                  seed: int, start: int = 0, process_index: int = 0, process_count: int = 1,
                   read_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
-  """Shuffled (per epoch), repeated, per-host sharded batches; the iterator checkpoints exactly.
+  """Shuffled (per epoch), repeated batches of this process's share, from global sample position
+  `start` on (`layout.batch_size` is the per-process batch).
 
-  Batches are built ahead by `read_threads` threads, at most `prefetch` of them: grain's default
-  (16 threads, 500 elements) would hold hundreds of full batches of frames in memory. Worker
-  processes: `.mp_prefetch(grain.MultiprocessingOptions(num_workers=k))` on the result (grain
-  spawns them: absl flags must be parsed, and the encoder is pickled into each).
+  The position in the global order is the whole data state: a run resumes exactly, on any
+  number of processes, from `start = samples seen`. Batches are built ahead by `read_threads`
+  threads, at most `prefetch` of them: grain's default (16 threads, 500 elements) would hold
+  hundreds of full batches of frames in memory. Worker processes:
+  `.mp_prefetch(grain.MultiprocessingOptions(num_workers=k))` on the result (grain spawns them:
+  absl flags must be parsed, and the encoder is pickled into each).
   """
   n = len(samples)
   if n == 0:
     raise ValueError("no training samples")
-  # Index-addressable and effectively endless: a position is a plain integer (exact resume).
-  ds = grain.MapDataset.range(n * 10**6)[process_index::process_count].map(
-      _Elements(samples, encoder, seed))
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process {process_index} of {process_count}")
+  # Index-addressable and effectively endless: a position is a plain integer.
+  ds = grain.MapDataset.range(n * 10**6).map(_Elements(
+      samples, encoder, seed, start=start, local_batch=layout.batch_size,
+      process_index=process_index, process_count=process_count))
   ds = ds.batch(layout.batch_size, drop_remainder=True,
                 batch_fn=functools.partial(assemble, layout=layout))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,

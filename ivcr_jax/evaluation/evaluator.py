@@ -27,14 +27,13 @@ import time
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from ivcr_jax import experiment
+from ivcr_jax import experiment, multihost, sharding
 from ivcr_jax.data import answers, prepare
-from ivcr_jax.data.pipeline import SampleEncoder, assemble
+from ivcr_jax.data.pipeline import Layout, SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
 from ivcr_jax.evaluation import metrics, plots
 from ivcr_jax.evaluation.metrics import TurnResult
@@ -70,31 +69,41 @@ class Evaluator:
   """
 
   def __init__(self, model: InterLLaVA, encoder: SampleEncoder, tokenizer, generation_cfg, *,
-               batch_size: int):
+               batch_size: int, mesh: jax.sharding.Mesh | None = None, rules=()):
+    """`mesh`: the mesh `model`'s parameters live on. Every process assembles the same batches;
+    each is placed on the mesh with its rows over the batch axes (all processes take part in
+    every program) and the answers are gathered back to every host."""
     self.model = model
     self.encoder = encoder
     self.tokenizer = tokenizer
     self.gen = generation_cfg
     self.batch_size = batch_size
+    self.mesh, self.rules = mesh, rules
     self._graphdef, self._state = nnx.split(model)
     self.stats = {"turns": 0, "new_tokens": 0, "seconds": 0.0}
+
+  def _place(self, batch: dict) -> dict:
+    if self.mesh is None:
+      return batch
+    return {k: jax.device_put(v, sharding.data_sharding(self.mesh, self.rules, v.shape))
+            for k, v in batch.items()}
 
   def answer(self, samples: Sequence[Sample], desc: str = "turns") -> list[tuple[str, str]]:
     """(generated text, rendered prompt) for each sample's last turn."""
     start = time.perf_counter()
     out = []
     for i in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch",
-                  leave=False):
+                  leave=False, disable=not multihost.is_main()):
       chunk = samples[i:i + self.batch_size]
       elements = [self.encoder(s, generation=True) for s in chunk]
       batch = assemble(elements + elements[-1:] * (self.batch_size - len(elements)),
                        self.encoder.layout)
-      embeds = _input_embeddings(self._graphdef, self._state, batch)
+      embeds = _input_embeddings(self._graphdef, self._state, self._place(batch))
       gen = generate(self.model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                      max_new_tokens=self.gen.max_new_tokens,
                      eos_token_id=self.tokenizer.eos_token_id, do_sample=self.gen.do_sample,
                      temperature=self.gen.temperature, top_p=self.gen.top_p, seed=self.gen.seed)
-      tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+      tokens, lengths = multihost.host_array(gen.tokens), multihost.host_array(gen.lengths)
       for j, el in enumerate(elements):
         text = self.tokenizer.decode(tokens[j, :lengths[j]], skip_special_tokens=True).strip()
         out.append((text, el["encoded"].text))
@@ -231,12 +240,19 @@ def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
-  ev = Evaluator(model, data.encoder(config, training=False, model=model), data.tokenizer,
-                 config.generation, batch_size=config.train.batch_size)
+  # Every process assembles whole batches (the same ones), so the layout is the global one.
+  encoder = data.encoder(config, training=False, model=model, layout=Layout.from_config(config))
+  ev = Evaluator(model, encoder, data.tokenizer,
+                 config.generation, batch_size=config.train.batch_size,
+                 mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
   preds = evaluate_dialogues(ev, dialogues, history, official_parsing=official_parsing)
   out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
-  out = write_outputs(preds, out_dir, official_parsing=official_parsing,
-                      denominators=denominators)
+  if multihost.is_main():  # every process computed the same answers; one writes them
+    out = write_outputs(preds, out_dir, official_parsing=official_parsing,
+                        denominators=denominators)
+  else:
+    out = metrics.compute([p.result for p in preds], denominators=denominators)
+  multihost.barrier(f"eval:{out_dir}")
   out["checkpoint_step"] = step
   out["generation"] = dict(ev.stats)
   logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)

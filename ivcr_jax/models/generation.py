@@ -119,13 +119,14 @@ def generate(model: Llama, input_ids: jax.Array | np.ndarray | None = None, *,
   """
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("pass exactly one of input_ids and inputs_embeds")
-  prompt = np.asarray(input_ids if inputs_embeds is None else inputs_embeds)
-  if inputs_embeds is None:
-    prompt = prompt.astype(np.int32)
+  prompt = input_ids if inputs_embeds is None else inputs_embeds
+  # Device arrays stay on their devices (embeddings spliced on a mesh of several processes).
+  xp = jnp if isinstance(prompt, jax.Array) else np
+  prompt = xp.asarray(prompt, np.int32) if inputs_embeds is None else xp.asarray(prompt)
   batch, n = prompt.shape[:2]
   mask = np.ones((batch, n), bool) if attention_mask is None else np.asarray(attention_mask, bool)
   extra = bucket_length(n, buckets) - n
-  prompt = np.pad(prompt, [(0, 0), (0, extra)] + [(0, 0)] * (prompt.ndim - 2))
+  prompt = xp.pad(prompt, [(0, 0), (0, extra)] + [(0, 0)] * (prompt.ndim - 2))
   mask = np.pad(mask, [(0, 0), (0, extra)])
   eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
   if pad_token_id is None:

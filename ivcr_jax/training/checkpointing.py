@@ -1,16 +1,20 @@
-"""orbax checkpoints of a run: trainable state, optimizer state, step, data-iterator state, meta.
+"""orbax checkpoints of a run: trainable parameters, optimizer state and step, meta (JSON).
 
 One small module so that a later move to orbax's V1 API touches one file. Frozen weights (ViT,
-LLaMA base) are never saved: they are reloaded from their source. Restore takes abstract targets
-(`jax.ShapeDtypeStruct` with shardings), so a checkpoint restores onto any mesh.
+LLaMA base) are never saved: they are reloaded from their source. The parameters are an item of
+their own, so evaluation and export restore them without the optimizer state. Restore takes
+abstract targets (`jax.ShapeDtypeStruct` with shardings): a checkpoint restores straight into
+the shardings of any mesh, on any number of processes. The data position is a number in the
+meta (the trainer's `samples_seen`), so it does not depend on the number of processes either.
+
+Several processes: every process calls `save`/`restore` (orbax's multi-process protocol: each
+writes its shards, process 0 the metadata and the commit).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -25,8 +29,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(
         directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "optimizer": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
   @property
@@ -39,44 +43,45 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, *, data_iterator: Any = None,
-           meta: dict | None = None, force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether a save started."""
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
-    if data_iterator is not None:  # snapshot now: an async save may run after the loop moved on
-      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+  def save(self, step: int, state: dict, *, meta: dict | None = None, force: bool = False
+           ) -> bool:
+    """Saves the train state `{params, opt, step}` if `step` is due (or `force`); returns whether
+    a save started."""
+    return self._manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        optimizer=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+        meta=ocp.args.JsonSave(meta or {})))
 
-  def restore(self, abstract_state: Any, *, step: int | None = None,
-              data_iterator: Any = None) -> tuple[Any, dict, int]:
-    """Restores `(state, meta, step)` (latest when `step` is None) onto the shardings of
-    `abstract_state`; `data_iterator` is set to its saved position in place."""
+  def restore(self, abstract_state: dict, *, step: int | None = None
+              ) -> tuple[dict, dict, int]:
+    """Restores `(state, meta, step)` (latest when `step` is None) into the shardings of
+    `abstract_state` (`{params, opt, step}`)."""
+    step = self._step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state["params"]),
+        optimizer=ocp.args.StandardRestore({"opt": abstract_state["opt"],
+                                            "step": abstract_state["step"]}),
+        meta=ocp.args.JsonRestore()))
+    state = {"params": restored["params"], **restored["optimizer"]}
+    return state, dict(restored["meta"] or {}), step
+
+  def restore_params(self, abstract_params: Any, *, step: int | None = None
+                     ) -> tuple[Any, int]:
+    """The trainable parameters of a checkpoint alone (no optimizer state is read)."""
+    step = self._step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"], step
+
+  def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], dict(restored["meta"] or {}), step
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+    return step
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-class _IteratorSnapshot:
-  """The position of a data iterator at save time. grain's handler writes `get_state()` bytes
-  of non-dataset iterators verbatim, which for a dataset iterator's dict is its JSON."""
-
-  def __init__(self, state: Any):
-    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
-
-  def get_state(self) -> bytes:
-    return self._state
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

@@ -156,7 +156,9 @@ def train_state_shardings(split: Split, tx: optax.GradientTransformation,
 def place(split: Split, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
           ) -> tuple[dict, nnx.State]:
   """Puts the train state `{params, opt, step}` and the frozen weights on `mesh` by the rules
-  (`train_state_shardings`). The split keeps no reference to the unplaced arrays afterwards."""
+  (`train_state_shardings`). Arrays already in their shardings (a model built or restored
+  straight into them, `experiment.build_model`) are not copied; the optimizer state is created
+  in its shardings. The split keeps no reference to the unplaced arrays afterwards."""
   state_sh, frozen_sh = train_state_shardings(split, tx, mesh, rules)
   params = jax.device_put(split.params, state_sh["params"])
   opt = jax.jit(tx.init, out_shardings=state_sh["opt"])(params)
@@ -185,11 +187,11 @@ def pinned(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
   return traced
 
 
-def jit_train_step(step: Callable, state: dict, frozen: nnx.State, batch: dict,
-                   mesh: jax.sharding.Mesh, rules) -> Callable:
-  """`jax.jit` with in/out shardings, the train state donated, and the models' activations
-  pinned to the batch axes (`sharding.activation_sharding`, active while `step` is traced)."""
-  state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
-  batch_sh = batch_shardings(batch, mesh, rules)
-  return jax.jit(pinned(step, mesh, rules), in_shardings=(state_sh, frozen_sh, batch_sh, None),
-                 out_shardings=(state_sh, None), donate_argnums=(0,))
+def jit_train_step(step: Callable, state: dict, mesh: jax.sharding.Mesh, rules) -> Callable:
+  """`jax.jit` with the train state donated and kept in its shardings, and the models'
+  activations pinned to the batch axes (`sharding.activation_sharding`, active while `step` is
+  traced). Inputs keep the shardings they arrive with: the state and frozen weights those of
+  `place`, each batch that of its own shapes (`ivcr_jax.training.feed`), so a batch from another
+  bucket compiles its own program instead of inheriting the first batch's shardings."""
+  return jax.jit(pinned(step, mesh, rules), out_shardings=(shardings_of(state), None),
+                 donate_argnums=(0,))

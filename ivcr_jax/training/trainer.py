@@ -19,11 +19,13 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from ivcr_jax import sharding
+from ivcr_jax import multihost, sharding
+from ivcr_jax.data.pipeline import Layout
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.event_file import EventFileWriter
+from ivcr_jax.training.feed import Feed
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,7 +42,9 @@ class Result:
 
 
 def _host(metrics: dict) -> dict:
-  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+  """Host floats of step metrics (replicated global scalars: any local copy is the value)."""
+  return {k: float(np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v))
+          for k, v in metrics.items()}
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -49,60 +53,67 @@ def _mean(rows: list[dict]) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
-        train_iter: Iterator[dict], digit_ids, *,
+        train_batches: Callable[[int], Iterator[dict]], digit_ids, *, layout: Layout,
         val_batches: Callable[[], Iterable[dict]] | None = None,
         on_log: Callable[[int, dict], None] | None = None) -> Result:
   """Trains `model` for `config.train.num_steps` micro-steps, resuming from `workdir`.
 
   Args:
     config: the full config (train, mesh, model.trainable).
-    workdir: checkpoints in `workdir/checkpoints`, event files in `workdir/tensorboard`.
-    model: the InterLLaVA model with its initial weights.
-    train_iter: host batches (numpy dicts); if it has `get_state`/`set_state` (grain), its
-      position is checkpointed and restored with the weights.
+    workdir: checkpoints in `workdir/checkpoints`, event files in `workdir/tensorboard` (written
+      by process 0 only).
+    model: the InterLLaVA model with its initial weights (ideally already in its shardings,
+      `experiment.build_model`).
+    train_batches: `train_batches(start)` iterates this process's host batches (numpy dicts, its
+      rows of each global batch) from global sample position `start`. That position is the
+      data state in checkpoints (`samples_seen`), so a resume is exact on any process count.
     digit_ids: token ids of "0".."9" (the aux losses read their distributions).
-    val_batches: returns the validation batches, evaluated every `train.eval_every` steps.
+    layout: the per-process batch layout (pads and offsets the shares of several processes).
+    val_batches: returns this process's validation batches, evaluated every `train.eval_every`.
   """
   tc = config.train
+  rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh)
   split = step_lib.Split.of(model, config.model.trainable)
   tx = optimizer.make_optimizer(tc)
-  state, frozen = step_lib.place(split, tx, mesh, config.mesh.rules)
+  state, frozen = step_lib.place(split, tx, mesh, rules)
   loss_cfg = step_lib.LossConfig.from_config(tc, digit_ids)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
-  logging.info("parameters: %s trainable, %s frozen; mesh %s", f"{n_train:,}", f"{n_frozen:,}",
-               dict(mesh.shape))
+  logging.info("parameters: %s trainable, %s frozen; mesh %s over %d process(es)",
+               f"{n_train:,}", f"{n_frozen:,}", dict(mesh.shape), jax.process_count())
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
-  data_state = train_iter if hasattr(train_iter, "get_state") else None
-  start = 0
+  start = samples_seen = 0
   if ckpt.latest_step() is not None:
-    state, meta, start = ckpt.restore(abstract_like(state), data_iterator=data_state)
-    logging.info("resumed from step %d (%s)", start, meta)
-
-  first = next(train_iter)
+    state, meta, start = ckpt.restore(abstract_like(state))
+    samples_seen = int(meta.get("samples_seen", start * tc.batch_size))
+    logging.info("resumed from step %d (%s); data position: sample %d of the global order%s",
+                 start, meta, samples_seen, _moved(meta))
   train_step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state,
-                                       frozen, to_global(first, mesh, config.mesh.rules), mesh,
-                                       config.mesh.rules)
-  eval_step = jax.jit(step_lib.pinned(step_lib.make_eval_step(split, loss_cfg), mesh,
-                                     config.mesh.rules))
-  writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
-  key = jax.random.key(config.seed)
+                                       mesh, rules)
+  eval_step = jax.jit(step_lib.pinned(step_lib.make_eval_step(split, loss_cfg), mesh, rules))
+  writer = EventFileWriter(os.path.join(workdir, "tensorboard")) if multihost.is_main() else None
+  key = jax.jit(lambda: jax.random.key(config.seed),
+                out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))()
   history: list[dict] = []
   pending: list[dict] = []
-  batch = first
-  progress = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
-                  desc="train", unit="step", dynamic_ncols=True)
+  end = min(tc.num_steps, tc.stop_after) if tc.stop_after else tc.num_steps
+  feed = Feed(train_batches(samples_seen) if start < end else iter(()), layout, mesh, rules,
+              name=f"train@{start}")
+  progress = tqdm(range(start, end), initial=start, total=tc.num_steps, desc="train",
+                  unit="step", dynamic_ncols=True, disable=not multihost.is_main())
   t0 = time.perf_counter()
   try:
     for i in progress:
-      state, metrics = train_step(state, frozen, to_global(batch, mesh, config.mesh.rules), key)
+      batch = next(feed)
+      state, metrics = train_step(state, frozen, batch, key)
+      samples_seen += tc.batch_size
       pending.append(metrics)
       step = i + 1
-      due_log = step % tc.log_every == 0 or step == tc.num_steps
-      due_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+      due_log = step % tc.log_every == 0 or step == end
+      due_ckpt = step % tc.checkpoint_every == 0 or step == end
       due_eval = val_batches is not None and tc.eval_every and (
           step % tc.eval_every == 0 or step == tc.num_steps)
       if due_log or due_ckpt or due_eval:
@@ -118,12 +129,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
         logged.pop("finite")
         logged["lr"] = float(optimizer.learning_rate(tc)(i))
         logged["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
         if due_eval:
-          logged.update({f"val_{k}": v for k, v in evaluate(eval_step, state["params"], frozen,
-                                                            val_batches()).items()})
+          val = Feed(iter(val_batches()), layout, mesh, rules, name=f"val@{step}")
+          try:
+            logged.update({f"val_{k}": v for k, v in evaluate(eval_step, state["params"], frozen,
+                                                              val).items()})
+          finally:
+            val.close()
         history.append({"step": step, **logged})
-        writer.scalars(step, logged)
+        if writer is not None:
+          writer.scalars(step, logged)
         progress.set_postfix(loss=f"{logged['loss']:.4f}")
         if on_log:
           on_log(step, logged)
@@ -131,27 +146,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
           logging.info("step %d: %s", step,
                        ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
         if due_ckpt:
-          ckpt.save(step, state, data_iterator=data_state, meta={"loss": logged["loss"]},
-                    force=step == tc.num_steps)
-      if step < tc.num_steps:
-        batch = next(train_iter)
+          ckpt.save(step, state, force=step == end, meta={
+              "loss": logged["loss"], "samples_seen": samples_seen,
+              "batch_size": tc.batch_size, "processes": jax.process_count()})
+        t0 = time.perf_counter()
   finally:
+    feed.close()
     ckpt.close()
-    writer.close()
-  return Result(tc.num_steps, history, state["params"], frozen, split)
+    if writer is not None:
+      writer.close()
+  return Result(max(start, end), history, state["params"], frozen, split)
 
 
-def to_global(batch: dict, mesh: jax.sharding.Mesh, rules) -> dict:
-  """Multi-process runs: each process holds its slice of the global batch (per-host data
-  sharding at the source); global arrays are assembled from the process-local pieces."""
-  if jax.process_count() == 1:
-    return batch
-  out = {}
-  for k, v in batch.items():
-    global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(
-        sharding.data_sharding(mesh, rules, global_shape), v, global_shape)
-  return out
+def _moved(meta: dict) -> str:
+  """What a restore onto another process count means for the data (nothing: said so)."""
+  saved = meta.get("processes")
+  if saved is None or saved == jax.process_count():
+    return ""
+  return (f" (saved by {saved} process(es), resumed on {jax.process_count()}: the global order "
+          "does not depend on the number of processes, so training continues with the same "
+          "samples; only each process's share of a batch changes)")
 
 
 def evaluate(eval_step: Callable, params: dict, frozen: nnx.State,
@@ -183,21 +197,15 @@ def digits_of(tokenizer) -> np.ndarray:
 
 def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str, model: nnx.Module,
                  step: int | None = None) -> int:
-  """Writes the trainable parameters of a training checkpoint into `model`; returns the step.
-
-  Frozen weights are not in checkpoints: `model` must already hold them (initial weights).
-  """
+  """Writes the trainable parameters of a training checkpoint into `model`, restored straight
+  into the shardings `model`'s parameters have (the optimizer state is not read); returns the
+  step. Frozen weights are not in checkpoints: `model` must already hold them (initial
+  weights)."""
   split = step_lib.Split.of(model, config.model.trainable)
-  tx = optimizer.make_optimizer(config.train)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
-  abstract = {"params": jax.tree.map(spec, split.params),
-              "opt": jax.tree.map(spec, jax.eval_shape(tx.init, split.params)),
-              "step": jax.ShapeDtypeStruct((), np.int32, sharding=device)}
   ckpt = Checkpointer(checkpoint_dir)
   try:
-    state, _, step = ckpt.restore(abstract, step=step)
+    params, step = ckpt.restore_params(abstract_like(split.params), step=step)
   finally:
     ckpt.close()
-  nnx.update(model, nnx.state(split.merge(state["params"], split.frozen)))
+  nnx.update(model, nnx.state(split.merge(params, split.frozen)))
   return step
