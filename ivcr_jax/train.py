@@ -15,7 +15,6 @@ SLURM and Open MPI are detected; elsewhere pass --coordinator_address=HOST:PORT
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -73,23 +72,7 @@ def train(config, workdir: str) -> trainer.Result:
                        else None)
   if encoder.truncated:
     logging.info("over-long samples shortened: %s", dict(encoder.truncated))
-  if multihost.is_main():
-    _write_history(os.path.join(workdir, "train_history.json"), result.history)
   return result
-
-
-def _write_history(path: str, history: list[dict]) -> None:
-  """The run's whole history: the steps logged before a resume are kept (those at or after the
-  resumed step are replaced by this run's), written atomically."""
-  earlier = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      earlier = json.load(f)
-  first = history[0]["step"] if history else float("inf")
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump([h for h in earlier if h["step"] < first] + history, f, indent=1)
-  os.replace(tmp, path)
 
 
 def main(argv: list[str]) -> None:

@@ -7,6 +7,7 @@ and notebooks can call it directly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -26,6 +27,8 @@ from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.event_file import EventFileWriter
 from ivcr_jax.training.feed import Feed
+
+HISTORY_FILE = "train_history.json"  # every logged row of the run, kept across resumes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,8 +63,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
 
   Args:
     config: the full config (train, mesh, model.trainable).
-    workdir: checkpoints in `workdir/checkpoints`, event files in `workdir/tensorboard` (written
-      by process 0 only).
+    workdir: checkpoints in `workdir/checkpoints`; event files in `workdir/tensorboard` and every
+      logged row in `workdir/train_history.json` (whole across resumes), by process 0 only.
     model: the InterLLaVA model with its initial weights (ideally already in its shardings,
       `experiment.build_model`).
     train_batches: `train_batches(start)` iterates this process's host batches (numpy dicts, its
@@ -94,7 +97,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   train_step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state,
                                        mesh, rules)
   eval_step = jax.jit(step_lib.pinned(step_lib.make_eval_step(split, loss_cfg), mesh, rules))
-  writer = EventFileWriter(os.path.join(workdir, "tensorboard")) if multihost.is_main() else None
+  main = multihost.is_main()
+  writer = EventFileWriter(os.path.join(workdir, "tensorboard")) if main else None
+  history_path = os.path.join(workdir, HISTORY_FILE)
+  earlier = _read_history(history_path, upto=start) if main else []
   key = jax.jit(lambda: jax.random.key(config.seed),
                 out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))()
   history: list[dict] = []
@@ -103,11 +109,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   feed = Feed(train_batches(samples_seen) if start < end else iter(()), layout, mesh, rules,
               name=f"train@{start}")
   progress = tqdm(range(start, end), initial=start, total=tc.num_steps, desc="train",
-                  unit="step", dynamic_ncols=True, disable=not multihost.is_main())
+                  unit="step", dynamic_ncols=True, disable=not main)
   t0 = time.perf_counter()
   try:
+    shapes = set()
     for i in progress:
       batch = next(feed)
+      shape = (batch["input_ids"].shape[1], batch["num_frames"].shape[0])
+      if shape not in shapes:  # a new bucket pair: its program is compiled now
+        shapes.add(shape)
+        logging.info("step %d: batch shape %dx%d (sequence x video table, global)", i + 1, *shape)
       state, metrics = train_step(state, frozen, batch, key)
       samples_seen += tc.batch_size
       pending.append(metrics)
@@ -137,8 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
           finally:
             val.close()
         history.append({"step": step, **logged})
-        if writer is not None:
+        if main:
           writer.scalars(step, logged)
+          _write_json(history_path, earlier + history)
         progress.set_postfix(loss=f"{logged['loss']:.4f}")
         if on_log:
           on_log(step, logged)
@@ -153,9 +165,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   finally:
     feed.close()
     ckpt.close()
-    if writer is not None:
+    if main:
       writer.close()
   return Result(max(start, end), history, state["params"], frozen, split)
+
+
+def _read_history(path: str, *, upto: int) -> list[dict]:
+  """The logged rows of earlier invocations up to the resumed step (later ones are redone)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [row for row in json.load(f) if row["step"] <= upto]
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+  """Atomically: a kill mid-write leaves the previous version."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _moved(meta: dict) -> str:
