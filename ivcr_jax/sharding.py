@@ -91,14 +91,21 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
   return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
-  """The module `make()` builds, each variable initialised straight in its sharding (a jitted
-  init with `out_shardings`): no array of the model ever lives whole on one device unless the
-  rules replicate it."""
+def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules
+                 ) -> tuple[nnx.GraphDef, Callable[[], nnx.State]]:
+  """The graph of `make()`'s module and a jitted init of its state straight into the shardings
+  of `rules` (`out_shardings`), built from shapes only (`scripts/plan_7b.py` compiles it ahead
+  of time to plan the init's memory)."""
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  state = jax.jit(lambda: nnx.split(make())[1],
-                  out_shardings=state_shardings(abstract, mesh, rules))()
-  return nnx.merge(graphdef, state)
+  return graphdef, jax.jit(lambda: nnx.split(make())[1],
+                           out_shardings=state_shardings(abstract, mesh, rules))
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+  """The module `make()` builds, each variable initialised straight in its sharding: no array
+  of the model ever lives whole on one device unless the rules replicate it."""
+  graphdef, init = sharded_init(make, mesh, rules)
+  return nnx.merge(graphdef, init())
 
 
 def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:

@@ -14,7 +14,10 @@ allocated. Per plan (hardware, mesh, samples per micro-step) it reports:
   for the frozen LLaMA with LoRA, 6N for the trained Q-Formers and projection, plus attention);
   how evenly the partitioned program splits the work comes from its own per-device count
   (which, like the one-device count of a scanned program, counts each layer stack once);
-- the step time this implies at a stated MFU on 8x H100 and on TPU v5p-8.
+- the step time this implies at a stated MFU on 8x H100 and on TPU v5p-8;
+- the peak bytes per device while the state is built (the jitted init straight into the
+  shardings, compiled ahead of time) and restored, beside the whole model's bytes that one device
+  held when the model was built there first.
 
 One sample per micro-step as official: a retrieval turn's 10 candidates + 1 video (video table
 11 per sample, 64 frames each), sequence bucket 4096.
@@ -146,6 +149,19 @@ class Compiled:
   state_bytes: dict  # per device: params, opt, frozen, batch
   seconds: float  # lower + compile
   params: tuple[int, int]  # trainable, frozen
+  init_peak: float  # bytes per device of the jitted init straight into the shardings
+  model_bytes: float  # the whole model (what one device held when it was built there first)
+
+
+def init_memory(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
+  """(peak bytes per device of `sharding.sharded_init`, as `experiment.build_model` runs it,
+  from its compiled buffer assignment; bytes of the whole model)."""
+  make = lambda: InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
+  _, init = sharding.sharded_init(make, sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
+  mem = init.lower().compile().memory_analysis()
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.eval_shape(
+      lambda: nnx.split(make())[1])))
+  return float(mem.output_size_in_bytes + mem.temp_size_in_bytes), float(whole)
 
 
 def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_per_sample: int
@@ -168,11 +184,13 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
       batch_sds.items(), step_lib.batch_shardings(batch_sds, mesh, rules).values(), strict=True)}
   compiled = fn.lower(state, frozen, batch_sds, jax.eval_shape(jax.random.key, 0)).compile()
   count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  init_peak, model_bytes = init_memory(cfg)
   return Compiled(
       float(compiled.cost_analysis()["flops"]), compiled.memory_analysis(),
       {"params": per_device_bytes(state["params"]), "opt": per_device_bytes(state["opt"]),
        "frozen": per_device_bytes(frozen), "batch": per_device_bytes(batch_sds)},
-      time.perf_counter() - start, (count(state["params"]), count(frozen)))
+      time.perf_counter() - start, (count(state["params"]), count(frozen)), init_peak,
+      model_bytes)
 
 
 def global_flops(preset: str, seq: int, videos: int, log) -> dict[tuple[int, int], float]:
@@ -306,6 +324,18 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{peak_bytes / 1e9:.1f} | {'yes' if peak_bytes <= hw.memory else 'NO'} of "
           f"{hw.memory / 1e9:.0f} | {step_flops / 1e12:.0f} | {balance:.2f} | {t_mfu:.2f} | "
           f"{plan.batch / t_mfu:.2f} | {t_mfu * balance:.2f} | {c.seconds:.0f} |")
+  print("\nBuilding and restoring the state (no step yet), GB per device:\n")
+  print("| hardware | mesh | whole model: one device, built there first (before) | init "
+        "straight into the shardings: peak (after) | restore of a training checkpoint: params "
+        "+ opt + frozen |")
+  print("|---|---|---:|---:|---:|")
+  for plan, c in rows:
+    state = c.state_bytes
+    print(f"| {plan.hardware.name} | {plan.mesh} | {c.model_bytes / 1e9:.2f} | "
+          f"{c.init_peak / 1e9:.2f} | "
+          f"{(state['params'] + state['opt'] + state['frozen']) / 1e9:.2f} |")
+  print("\ninit peak = outputs + temp of the jitted init's buffer assignment; orbax restores "
+        "each shard onto its device, so a restore peaks at the state's own bytes per device.")
   print("\npeak = args + out - aliased (donated) + temp, from XLA:CPU's buffer assignment; "
         "MFU = analytic model FLOPs / (time x devices x peak), peak bf16 dense: "
         + ", ".join(f"{h.name} {h.peak / 1e12:.0f} TFLOP/s x {h.devices}"
