@@ -159,7 +159,7 @@ def test_a_killed_process_stops_the_others_and_the_command_resumes(space, baseli
     while not (workdir / "checkpoints" / "1").is_dir():
       assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
       time.sleep(0.2)
-    assert not (workdir / "train_history.json").exists()  # killed before it finished
+    assert not (workdir / "checkpoints" / str(STEPS)).exists()  # killed before it finished
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     out, _ = procs[0].communicate(timeout=120)
