@@ -24,13 +24,6 @@ from absl import app, flags
 
 from ivcr_jax import multihost
 
-_NUM = flags.DEFINE_integer("num_processes", 2, "How many processes to start.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 0,
-                                "Fake CPU devices per process (0: leave XLA_FLAGS alone).")
-_PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
-_GRACE = flags.DEFINE_integer("grace", 60, "Seconds the others may take to stop after one "
-                              "process failed, before they are killed.")
-
 
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -98,9 +91,18 @@ def main(argv: list[str]) -> None:
     command = command[1:]
   if not command:
     raise app.UsageError("give the command after --, e.g. -- python -m ivcr_jax.train ...")
-  sys.exit(launch(command, _NUM.value, devices_per_process=_DEVICES.value, port=_PORT.value,
-                  grace_s=_GRACE.value))
+  f = flags.FLAGS
+  sys.exit(launch(command, f.num_processes, devices_per_process=f.devices_per_process,
+                  port=f.port, grace_s=f.grace))
 
 
 if __name__ == "__main__":
+  # Defined here only: the library functions above are imported by tests next to the entry
+  # points, whose own --num_processes would clash.
+  flags.DEFINE_integer("num_processes", 2, "How many processes to start.")
+  flags.DEFINE_integer("devices_per_process", 0,
+                       "Fake CPU devices per process (0: leave XLA_FLAGS alone).")
+  flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
+  flags.DEFINE_integer("grace", 60, "Seconds the others may take to stop after one process "
+                       "failed, before they are killed.")
   app.run(main)
