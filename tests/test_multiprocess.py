@@ -86,7 +86,11 @@ def _run(space, workdir, processes, **overrides):
          f"--devices_per_process={8 // processes}", "--grace=30", "--",
          sys.executable, "-m", "ivcr_jax.train", *_args(**overrides), f"--workdir={workdir}"]
   done = subprocess.run(cmd, capture_output=True, text=True, env=_env(space), timeout=TIMEOUT)
-  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+  if done.returncode:
+    out = done.stdout + done.stderr
+    first = out.find("Traceback")
+    pytest.fail(f"exit {done.returncode}; first traceback:\n{out[first:first + 3000]}\n...\n"
+                f"{out[-3000:]}")
   return done
 
 

@@ -163,7 +163,8 @@ def place(split: Split, tx: optax.GradientTransformation, mesh: jax.sharding.Mes
   params = jax.device_put(split.params, state_sh["params"])
   opt = jax.jit(tx.init, out_shardings=state_sh["opt"])(params)
   frozen = jax.device_put(split.frozen, frozen_sh)
-  step = jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])
+  # Created on the mesh (a device_put of a host value would check it across processes first).
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=state_sh["step"])()
   split.params = split.frozen = None
   return {"params": params, "opt": opt, "step": step}, frozen
 
