@@ -1,10 +1,13 @@
 """The shares of several processes become one global batch: padding to the agreed shapes and
-each share's `video_slot` pointing at its own rows of the global video table."""
+each share's `video_slot` pointing at its own rows of the global video table; on one process
+the video table is padded so that it is split over the devices, not replicated."""
 
 import numpy as np
 
 from configs.interllava import get_config
+from ivcr_jax import sharding
 from ivcr_jax.data.pipeline import IGNORE, Layout, pad_batch
+from ivcr_jax.training.feed import Feed
 
 
 def _share(layout, videos: int, seq: int, seed: int) -> dict:
@@ -50,3 +53,29 @@ def test_shares_splice_their_own_videos_from_the_global_table():
   wrong = pad_batch(shares[1], layout, seq_len=seq, videos=videos)
   assert (glob["frames"][wrong["video_slot"][0][wrong["video_slot"][0] >= 0] // per_video,
                          0, 0, 0, 0] == 10).all()
+
+
+def test_one_process_feed_splits_every_video_table_over_the_devices():
+  """Tables of 3 and then 5 videos on a (1, 4, 1) mesh: each is padded to 4 and 8 rows and split
+  over the 4 devices (neither size divides 4, so without the padding both would be replicated),
+  the sequences keep their shapes and values, and the padding videos are empty."""
+  cfg = get_config("tiny")
+  with cfg.unlocked():
+    cfg.mesh.shape = (1, 4, 1)
+  layout = Layout.from_config(cfg, batch_size=4)
+  mesh = sharding.make_mesh(cfg.mesh)
+  shares = [_share(layout, 3, 40, seed=1), _share(layout, 5, 48, seed=2)]
+  feed = Feed(iter(shares), layout, mesh, cfg.mesh.rules, name="test")
+  try:
+    batches = list(feed)
+  finally:
+    feed.close()
+  for share, batch, rows in zip(shares, batches, (4, 8), strict=True):
+    frames = batch["frames"]
+    assert frames.shape[0] == rows and frames.sharding.spec[0] is not None, frames.sharding
+    assert len({s.device for s in frames.addressable_shards}) == 4
+    assert all(s.data.shape[0] == rows // 4 for s in frames.addressable_shards)
+    v = share["frames"].shape[0]
+    np.testing.assert_array_equal(np.asarray(frames)[:v], share["frames"])
+    assert (np.asarray(batch["num_frames"])[v:] == 1).all()
+    np.testing.assert_array_equal(np.asarray(batch["video_slot"]), share["video_slot"])

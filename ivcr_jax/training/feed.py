@@ -8,6 +8,8 @@ smallest buckets that fit them. Before the rows become one global array:
 - each process's video table becomes its own block of the global table, and its `video_slot`
   is offset by the rows of the processes before it (`pipeline.pad_batch`), so a sequence is
   always spliced with its own videos;
+- the video table is padded to a multiple of the batch shards, so it is split over the devices
+  like the sequences instead of being replicated (every device encoding every video);
 - every array is placed with the sharding of its own shape (batch rows over the `batch` axes).
 
 A background thread keeps `depth` batches on the devices while the current step runs.
@@ -87,13 +89,15 @@ class Feed:
   def _globalize(self, batch: dict, n: int) -> dict:
     layout = self._layout
     seq, videos = batch["input_ids"].shape[1], batch["num_frames"].shape[0]
-    count = jax.process_count()
-    if count > 1:
-      tag = f"feed/{self._name}/{n}"
-      seq, videos = multihost.agree_max(tag, (seq, videos))
+    if jax.process_count() > 1:
+      seq, videos = multihost.agree_max(f"feed/{self._name}/{n}", (seq, videos))
       if n >= 2:
         multihost.forget(f"feed/{self._name}/{n - 2}")  # every process has read it
-      videos = math.ceil(videos / self._rows_unit) * self._rows_unit
+    # A table the batch shards do not divide would be replicated: every device would encode
+    # every video. Empty padding videos are cheaper (each device encodes its share of them).
+    videos = math.ceil(videos / self._rows_unit) * self._rows_unit
+    if (seq, videos) != (batch["input_ids"].shape[1], batch["num_frames"].shape[0]) \
+        or jax.process_index():
       batch = pad_batch(batch, layout, seq_len=seq, videos=videos,
                         first_video_row=jax.process_index() * videos)
     return place_batch(batch, self._mesh, self._rules)
@@ -103,13 +107,14 @@ _END = object()
 
 
 def batch_rows_per_process(mesh: jax.sharding.Mesh, rules, local_batch: int) -> int:
-  """How many rows of every batch array each process's devices split among themselves (1 on one
-  process). Multi-process runs split the batch over processes, so the mesh's `batch` axes must
-  span them; the message says what to change otherwise."""
+  """How many shards of every batch array each process's devices hold (a video table is padded
+  to a multiple of it). One process: the batch shards when they divide the batch, else 1 (the
+  batch is replicated anyway). Several processes split the batch between them, so the mesh's
+  `batch` axes must span them; the message says what to change otherwise."""
   count = jax.process_count()
-  if count == 1:
-    return 1
   shards = math.prod(mesh.shape[a] for a in _batch_mesh_axes(mesh, rules))
+  if count == 1:
+    return shards if local_batch % shards == 0 else 1
   if shards % count:
     raise ValueError(f"{count} processes each read their own rows of a batch, so the mesh axes "
                      f"of the 'batch' rule ({_batch_mesh_axes(mesh, rules)}: {shards} devices, "
