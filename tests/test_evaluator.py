@@ -92,6 +92,16 @@ def test_official_parsing_and_denominators_reach_metrics_json(toy_run):
   assert saved["counts"]["video_turns"] + saved["counts"]["moment_turns"] <= den.video + den.moment
 
 
+def test_official_denominators_do_not_answer_type7_dialogues(toy_run):
+  _, data, _, _ = toy_run
+  dialogues = data.dialogues("test")[:4]
+  seven = dataclasses.replace(dialogues[1], type=7)
+  mixed = [dialogues[0], seven, *dialogues[2:]]
+  assert evaluator.scored_dialogues(mixed, official_denominators=False) == mixed
+  kept = evaluator.scored_dialogues(mixed, official_denominators=True)
+  assert kept == [dialogues[0], *dialogues[2:]]
+
+
 def test_missing_annotations_for_official_denominators(toy_run, tmp_path):
   cfg, _, _, _ = toy_run
   with pytest.raises(experiment.MissingInputsError, match="official denominators"):

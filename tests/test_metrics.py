@@ -114,6 +114,7 @@ RECORDS = [
 def test_official_denominators_count_every_gpt_turn_of_the_split():
   den = metrics.official_denominators(RECORDS, "test", source="ann.json")
   assert (den.video, den.moment, den.chat, den.source) == (4, 2, 1, "ann.json")
+  assert den.unscored == 1  # the type-[7] dialogue: its turns are counted above
   assert dict(den.per_turn) == {1: (3, 0), 2: (0, 2), 3: (1, 0)}
   assert metrics.official_denominators(RECORDS, "train").video == 1
 
@@ -126,7 +127,8 @@ def test_official_denominators_count_unevaluated_turns_as_misses():
   assert out["r@1_iou0.7"] == pytest.approx(1 / 2) and out["miou"] == pytest.approx(0.75 / 2)
   assert out["counts"]["video_turns"] == 2 and out["counts"]["r@1_hits"] == 1
   assert out["denominators"] == {"mode": "official", "video": 4, "moment": 2,
-                                 "chat_excluded": 1, "source": "ann.json"}
+                                 "chat_excluded": 1, "source": "ann.json",
+                                 "type7_dialogues_unscored": 1}
   rows = out["per_turn"]
   assert (rows[0]["video_turns"], rows[0]["moment_turns"]) == (3, 0)
   assert (rows[0]["video_evaluated"], rows[0]["moment_evaluated"]) == (2, 0)

@@ -14,7 +14,9 @@ Prompts are rendered by the same `prompt.encode` as training (generation mode: t
 Parsing (`official_parsing`): by default generated answers are read by the improved parser and
 moment turns are scored against `gt_se`; the official mode reads them with the official parsers,
 bugs included, and takes the ground-truth span from the answer text as the official script does
-(`extract_time_ranges`). Denominators (`official_denominators`): see `metrics`.
+(`extract_time_ranges`). Denominators (`official_denominators`): see `metrics`; in that mode
+type-[7] dialogues are not answered (`scored_dialogues`), as the official test set has none of
+their turns.
 """
 
 from __future__ import annotations
@@ -177,6 +179,15 @@ def _carry_forward(d: Dialogue, t: int, text: str, official_parsing: bool = Fals
   return dataclasses.replace(d, turns=tuple(turns))
 
 
+def scored_dialogues(dialogues: Sequence[Dialogue], official_denominators: bool
+                     ) -> list[Dialogue]:
+  """The dialogues to answer: all of them, or with the official denominators those the official
+  test conversion keeps (B10 empties type [7]; their turns stay in the denominators as misses)."""
+  if not official_denominators:
+    return list(dialogues)
+  return [d for d in dialogues if d.type != metrics.OFFICIAL_UNSCORED_TYPE]
+
+
 def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing: bool = False,
                   denominators: metrics.Denominators | None = None) -> dict:
   """predictions.jsonl, metrics.json, per_turn.md and the PNG plots under `out_dir`.
@@ -240,6 +251,11 @@ def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
+  scored = scored_dialogues(dialogues, official_denominators)
+  if len(scored) < len(dialogues):
+    logging.info("official denominators: %d type-[%d] dialogues are counted as misses, not "
+                 "answered (B10)", len(dialogues) - len(scored), metrics.OFFICIAL_UNSCORED_TYPE)
+  dialogues = scored
   # Every process assembles whole batches (the same ones), so the layout is the global one.
   encoder = data.encoder(config, training=False, model=model, layout=Layout.from_config(config))
   ev = Evaluator(model, encoder, data.tokenizer,

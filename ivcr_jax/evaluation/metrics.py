@@ -11,7 +11,10 @@ Denominators:
 - official (`Denominators`, reference §5.2): every assistant turn of the split's dialogues with
   type != [0] in the annotation file, evaluated or not (dialogues the reader or the official
   no-zero filter dropped, turns past the turn limit): those count as misses, so the figures are
-  end to end, retriever failures included.
+  end to end, retriever failures included. Type-[7] dialogues are in those counts but are never
+  scored: the official test conversion keeps only their human turns (B10), so they yield no test
+  samples and count only as misses; the evaluator drops them in this mode
+  (`OFFICIAL_UNSCORED_TYPE`).
 BLEU-4 is always over the evaluated assistant turns.
 """
 
@@ -24,6 +27,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+OFFICIAL_UNSCORED_TYPE = 7  # dialogue type the official test conversion empties (B10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Denominators:
   per_turn: assistant turn index (1-based) -> (video-retrieval turns, moment turns).
   chat: natural-dialogue turns (`gt_se` null, our schema extension), counted in neither; the
     official loop would count them as moment turns, but its data has none.
+  unscored: dialogues of type `OFFICIAL_UNSCORED_TYPE`, whose turns are counted but not scored.
   """
 
   video: int
@@ -113,18 +118,20 @@ class Denominators:
   per_turn: Mapping[int, tuple[int, int]]
   chat: int = 0
   source: str = ""
+  unscored: int = 0
 
 
 def official_denominators(records: Iterable, split: str = "test", source: str = ""
                           ) -> Denominators:
   """Counts every gpt turn of the `split` records whose type is not [0], as `cal_reslut` and
   `cal_multi_reslut` do: `gt_se == [-1, -1]` is video retrieval, any other span a moment."""
-  video = moment = chat = 0
+  video = moment = chat = unscored = 0
   per_turn: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
   for record in records:
     if (not isinstance(record, Mapping) or record.get("split") != split
         or record.get("type") == [0]):
       continue
+    unscored += record.get("type") == [OFFICIAL_UNSCORED_TYPE]
     for position, conv in enumerate(record.get("conversations") or []):
       if not isinstance(conv, Mapping) or conv.get("from") != "gpt":
         continue
@@ -137,7 +144,7 @@ def official_denominators(records: Iterable, split: str = "test", source: str = 
       moment += not is_video
       per_turn[position // 2 + 1][0 if is_video else 1] += 1
   return Denominators(video, moment, {t: (v, m) for t, (v, m) in sorted(per_turn.items())},
-                      chat, source)
+                      chat, source, unscored)
 
 
 def compute(results: Sequence[TurnResult], max_turn: int = 7,
@@ -171,7 +178,8 @@ def compute(results: Sequence[TurnResult], max_turn: int = 7,
                        "video": n_video, "moment": n_moment},
   }
   if denominators is not None:
-    out["denominators"].update(chat_excluded=denominators.chat, source=denominators.source)
+    out["denominators"].update(chat_excluded=denominators.chat, source=denominators.source,
+                               type7_dialogues_unscored=denominators.unscored)
   for t in IOU_THRESHOLDS:
     hits = sum(v >= t for v in ious)
     out[f"r@1_iou{t}"] = _ratio(hits, n_moment)
