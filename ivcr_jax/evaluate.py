@@ -22,14 +22,12 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from ivcr_jax import experiment, multihost
+from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.evaluation import evaluator
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset] (as used for training).",
-    lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset] (as used for training).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run directory.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dialogue split to evaluate.")
 _HISTORY = flags.DEFINE_enum("history", "oracle", list(evaluator.HISTORY_MODES),

@@ -20,16 +20,15 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ivcr_jax import experiment, multihost
+from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.data import pipeline
 from ivcr_jax.evaluation import evaluator
 from ivcr_jax.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset]; override fields with "
-    "--config.a.b=value.", lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset]; override fields with "
+    "--config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, event files, "
                                "evaluation outputs (and the toy corpus for toy presets). Several "
                                "processes: a directory they all see (shared file system).")
