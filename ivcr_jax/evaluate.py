@@ -25,6 +25,7 @@ from absl import app, flags
 
 from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.evaluation import evaluator
+from ivcr_jax.evaluation import metrics as eval_metrics
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset] (as used for training).")
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   if multihost.is_main():
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
+    print(eval_metrics.summary(metrics))
 
 
 if __name__ == "__main__":
