@@ -30,6 +30,8 @@ setup(
     ],
     extras_require={
         # torch is pinned exactly: 2.13.0 resolves to a local CPU wheel, anything else pulls CUDA.
-        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "nltk==3.10.4"],
+        # tensorboard: its own reader checks our event files (tests only; we write them ourselves).
+        "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "nltk==3.10.4",
+                 "tensorboard==2.21.0"],
     },
 )

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from ivcr_jax import experiment
+from ivcr_jax import configs, experiment
 from ivcr_jax.data import feature_store
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset], as for training.", lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset], as for training.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir (toy presets keep their "
                                "stores there).", required=True)
 _OUT = flags.DEFINE_string("out", "", "Directory for the feature store (default: beside the "

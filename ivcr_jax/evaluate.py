@@ -22,14 +22,13 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from ivcr_jax import experiment, multihost
+from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.evaluation import evaluator
+from ivcr_jax.evaluation import metrics as eval_metrics
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset] (as used for training).",
-    lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset] (as used for training).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run directory.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dialogue split to evaluate.")
 _HISTORY = flags.DEFINE_enum("history", "oracle", list(evaluator.HISTORY_MODES),
@@ -61,6 +60,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   if multihost.is_main():
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
+    print(eval_metrics.summary(metrics))
 
 
 if __name__ == "__main__":

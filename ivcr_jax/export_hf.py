@@ -15,14 +15,12 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from ivcr_jax import experiment
+from ivcr_jax import configs, experiment
 from ivcr_jax.convert import export
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset] (as used for training).",
-    lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset] (as used for training).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -15,16 +15,15 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ivcr_jax import experiment
+from ivcr_jax import configs, experiment
 from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.convert.mapping import CheckpointError
 from ivcr_jax.data import tokenizer as tokenizer_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset]; its `weights` section names the "
-    "files.", lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset]; its `weights` section names the "
+    "files.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: weights.init_checkpoint).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 

@@ -20,16 +20,16 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ivcr_jax import experiment, multihost
+from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.data import pipeline
 from ivcr_jax.evaluation import evaluator
+from ivcr_jax.evaluation import metrics as eval_metrics
 from ivcr_jax.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interllava.py", "Config file[:preset]; override fields with "
-    "--config.a.b=value.", lock_config=True)
+_CONFIG = configs.define_config_flag(
+    "config", "Config file[:preset]; override fields with "
+    "--config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, event files, "
                                "evaluation outputs (and the toy corpus for toy presets). Several "
                                "processes: a directory they all see (shared file system).")
@@ -92,8 +92,7 @@ def main(argv: list[str]) -> None:
       if multihost.is_main():
         print(f"step {result.step}: train loss {last.get('loss', float('nan')):.4f}, "
               f"val loss_lm {last.get('val_loss_lm', float('nan')):.4f}")
-        print("test: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in (
-            "r@1", "r@10", "r@1_iou0.3", "r@1_iou0.5", "r@1_iou0.7", "miou", "bleu4")))
+        print("test: " + eval_metrics.summary(metrics))
         print(f"(outputs in {os.path.join(_WORKDIR.value, 'eval', 'test')})")
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)

@@ -52,6 +52,14 @@ SPAN_CASES = [
     ("Three numbers: 1\n2\n3", (1.0, 2.0), None),  # the odd last one is dropped
     ("Video 2\nVideo 7", (2.0, 7.0), None),
     ("The video is 12.5 seconds long\n", NOTHING, None),  # one number pairs with nothing
+    # -- two consecutive lines of nothing but a number each are a span; a list of three is not --
+    ("Sorry.\n12.5\n20.0", (12.5, 20.0), (12.5, 20.0)),
+    ("12.5s\n20s", NOTHING, (12.5, 20.0)),  # official: no first number in "20s" (\\b fails)
+    ("The moment:\n20.0.\n\n12.5", (12.5, 20.0), (12.5, 20.0)),  # blank line, punctuation
+    ("12.5\n20.0\n30.0", (12.5, 20.0), None),
+    ("Maybe:\n12.5\n20.0\nor rather 30s-40s", (30.0, 40.0), (30.0, 40.0)),
+    ("2019\n2020", (2019.0, 2020.0), None),  # still a year range
+    ("Video 2\n7", (2.0, 7.0), None),  # "video 2" is not alone on its line
     ("The moment starts at 12.5 seconds and ends at 20 seconds.", NOTHING, (12.5, 20.0)),
     ("The event starts at 12.5s and ends at 20s.", NOTHING, (12.5, 20.0)),
     ("start time: 12.5s, end time: 20.0s", NOTHING, (12.5, 20.0)),
@@ -73,6 +81,12 @@ SPAN_CASES = [
     ("Episode 5-6 recap: 10 - 15 seconds", (5.0, 6.0), (10.0, 15.0)),
     ("top-10 results, 12s to 20s", NOTHING, (12.0, 20.0)),
     ("1e5-2e5", (2.0, 5.0), None),
+    # -- thousands separators (ASCII commas only; a full-width comma separates) --
+    ("1,234.5s-1,300.0s", (1.0, 234.5), (1234.5, 1300.0)),
+    ("from 1,234 to 1,300 seconds", NOTHING, (1234.0, 1300.0)),
+    ("video 3,120s-130s", (120.0, 130.0), (120.0, 130.0)),  # not video 3120
+    ("视频3，120秒到130秒", NOTHING, (120.0, 130.0)),
+    ("12,34s-40s", (34.0, 40.0), (34.0, 40.0)),  # not a digit group of three
     # -- units, separators and leading dots --
     ("12.5 seconds - 20 seconds", NOTHING, (12.5, 20.0)),
     ("from 12.5 to 20 seconds", NOTHING, (12.5, 20.0)),
@@ -143,6 +157,15 @@ INDEX_CASES = [
     ("第十个视频", None, 10),
     ("的video 3", None, 3),  # official \b fails after a CJK character
     ("video 3的", None, 3),
+    # -- an index stated as the answer wins over an enumeration --
+    ("Among the candidates (video 1 to video 10), the best match is video 7.", 1, 7),
+    ("Video 1, video 2 and video 3 show shapes; video 2 matches best.", 1, 2),
+    ("Video 4 and video 9 are close; the answer is video 9.", 4, 9),
+    ("I compared video 1 with video 6: video 6 is the best match.", 1, 6),
+    ("The best match is not video 1; it is video 8.", 1, 1),  # a negation states nothing
+    ("video 3 is not the best match, video 5 is.", 3, 3),
+    ("候选视频1到视频10中，答案是视频7", None, 7),
+    ("视频1和视频2里，视频2最符合", None, 2),
 ]
 
 

@@ -1,5 +1,7 @@
 """Config presets, command-line overrides and import hygiene."""
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import interllava
+from ivcr_jax import configs
 
 
 @pytest.mark.parametrize("preset", interllava.PRESETS)
@@ -51,6 +54,58 @@ def test_command_line_overrides_are_type_checked():
   config_flags.DEFINE_config_file("config", lock_config=True, flag_values=bad, sys_argv=argv)
   with pytest.raises((flags.Error, AttributeError), match="depht"):
     bad(argv)
+
+
+def _parsed_config(argv):
+  fv = flags.FlagValues()
+  holder = configs.define_config_flag("config", "config", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return holder.value
+
+
+def test_config_flag_finds_the_packaged_configs_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  cfg = _parsed_config(["prog", "--config=configs/interllava.py:tiny", "--config.seed=7"])
+  assert cfg.preset == "tiny" and cfg.seed == 7
+  assert _parsed_config(["prog"]).preset == "official"  # the default needs no repository root
+  assert configs.resolve("configs/interllava.py:demo") == f"{configs.DEFAULT}:demo"
+  assert configs.resolve("elsewhere/interllava.py") == "elsewhere/interllava.py"  # not ours
+  assert configs.resolve("configs/nothing.py") == "configs/nothing.py"
+  with pytest.raises(IOError, match="nothing.py"):  # a missing file still fails, naming it
+    _ = _parsed_config(["prog", "--config=configs/nothing.py"]).seed
+  # A configs/ directory where the command runs is read first.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "interllava.py").write_text(
+      "from ivcr_jax.configs.interllava import get_config as base\n\n"
+      "def get_config(arg=None):\n  c = base(arg)\n  c.unlock()\n  c.seed = 123\n  return c\n")
+  assert _parsed_config(["prog", "--config=configs/interllava.py:tiny"]).seed == 123
+
+
+def test_an_installed_copy_runs_its_configs_outside_the_checkout(tmp_path):
+  """`pip install` (not editable) into a bare directory, then the entry points' config flag
+  from another directory: the presets come from the installed package."""
+  import shutil
+
+  repo = pathlib.Path(__file__).parent.parent
+  src = tmp_path / "src"
+  shutil.copytree(repo / "ivcr_jax", src / "ivcr_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("setup.py", "pyproject.toml"):
+    shutil.copy(repo / name, src / name)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                  "--no-build-isolation", "--target", str(tmp_path / "site"), str(src)],
+                 check=True, capture_output=True)
+  shutil.rmtree(src)
+  code = ("import sys\nfrom absl import flags\nfrom ivcr_jax import configs\n"
+          "holder = configs.define_config_flag('config', 'config')\nflags.FLAGS(sys.argv)\n"
+          "print(configs.__file__, holder.value.preset, holder.value.train.num_steps)\n")
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+      check=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
+  where, preset, steps = run("--config=configs/interllava.py:demo",
+                             "--config.train.num_steps=5")
+  assert where.startswith(str(tmp_path / "site")) and (preset, steps) == ("demo", "5")
+  assert run()[1] == "official"
 
 
 def test_import_ivcr_jax_pulls_in_neither_torch_nor_tensorflow():

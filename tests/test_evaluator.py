@@ -4,13 +4,17 @@ official parsing and denominator options."""
 import dataclasses
 import json
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from configs.interllava import get_config
 from ivcr_jax import experiment
-from ivcr_jax.data import prepare
+from ivcr_jax.data import pipeline, prepare
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Sample
-from ivcr_jax.evaluation import evaluator
+from ivcr_jax.evaluation import evaluator, metrics
+from ivcr_jax.training import losses, trainer
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +39,49 @@ def test_oracle_and_interactive_evaluation_write_every_output(toy_run):
     preds = evaluator.evaluate_dialogues(ev, dialogues, history)
     assert len(preds) == sum(len(d.turns) for d in dialogues)
     out = evaluator.write_outputs(preds, str(workdir / history))
-    for key in ("r@1", "r@10", "r@1_iou0.3", "r@1_iou0.5", "r@1_iou0.7", "miou", "bleu4",
-                "counts", "per_turn"):
+    for key in ("r@1", "retriever_r@10", "r@1_iou0.3", "r@1_iou0.5", "r@1_iou0.7", "miou",
+                "bleu4", "counts", "per_turn", "warnings"):
       assert key in out
     lines = (workdir / history / "predictions.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert first["prompt"].endswith("[/INST]") and first["turn"] == 1
     for name in ("per_turn.md", "per_turn.png", "iou_histogram.png", "metrics.json"):
       assert (workdir / history / name).exists()
+
+
+def test_model_ranking_scores_every_retrieval_turn_in_one_pass(toy_run):
+  cfg, data, model, _ = toy_run
+  dialogues = data.dialogues("test")[:4]
+  ev = evaluator.Evaluator(model, data.encoder(cfg, training=False), data.tokenizer,
+                           cfg.generation, batch_size=2)
+  preds = [evaluator.Prediction(evaluator._result(d, t, "no answer", True, False), "", None)
+           for d in dialogues for t in range(len(d.turns))]
+  ranked = evaluator.with_ranking(ev, dialogues, preds)
+  video = [p.result for p in ranked if p.result.kind == "video"]
+  assert video and all(p.result.index_scores is None for p in ranked if p.result.kind != "video")
+  for r in video:  # a distribution over the 10 indices
+    assert len(r.index_scores) == 10
+    np.testing.assert_allclose(np.exp(r.index_scores).sum(), 1.0, rtol=1e-4)
+  # Writing the index "1" leaves the ground truth's own L_V probability unchanged (gt 2..9).
+  d, t = next((d, t) for d in dialogues for t, turn in enumerate(d.turns)
+              if turn.kind == RETRIEVAL and 2 <= turn.video_index <= 9)
+  enc = data.encoder(cfg, training=False)
+  element = enc(Sample(d, t + 1, (t,)))
+  batch = pipeline.assemble([element, element], enc.layout)
+  digits = jnp.asarray(trainer.digits_of(data.tokenizer))
+  teacher_forced = nnx.jit(lambda m, b: losses.index_log_prob(m(b), b["index_pos"],
+                                                              b["index_target"], digits))
+  want = teacher_forced(model, batch)
+  got = next(r for r in video if r.dialogue_id == str(d.index) and r.turn == t + 1)
+  np.testing.assert_allclose(got.index_scores[d.turns[t].video_index - 1], float(want[0, 0]),
+                             rtol=1e-4, atol=1e-5)
+  assert evaluator.ranking_sample(d, t).turns[t].answer.count("video 1") >= 1
+  moment = next((d, t) for d in dialogues for t, turn in enumerate(d.turns)
+                if turn.kind == MOMENT)
+  with pytest.raises(ValueError, match="not a retrieval answer"):
+    evaluator.ranking_sample(*moment)
+  out = metrics.compute([p.result for p in ranked])
+  assert out["counts"]["ranked_turns"] == len(video) and 0 <= out["ranking_mrr"] <= 1
 
 
 def test_generation_prompts_equal_training_prompts_up_to_the_answer(toy_run):
@@ -90,6 +129,16 @@ def test_official_parsing_and_denominators_reach_metrics_json(toy_run):
   assert (saved["denominators"]["video"], saved["denominators"]["moment"]) == (den.video,
                                                                                den.moment)
   assert saved["counts"]["video_turns"] + saved["counts"]["moment_turns"] <= den.video + den.moment
+
+
+def test_official_denominators_do_not_answer_type7_dialogues(toy_run):
+  _, data, _, _ = toy_run
+  dialogues = data.dialogues("test")[:4]
+  seven = dataclasses.replace(dialogues[1], type=7)
+  mixed = [dialogues[0], seven, *dialogues[2:]]
+  assert evaluator.scored_dialogues(mixed, official_denominators=False) == mixed
+  kept = evaluator.scored_dialogues(mixed, official_denominators=True)
+  assert kept == [dialogues[0], *dialogues[2:]]
 
 
 def test_missing_annotations_for_official_denominators(toy_run, tmp_path):

@@ -51,3 +51,11 @@ def test_index_loss_equals_brute_force_over_candidate_strings(tiny_config):
     got = losses.index_log_prob(logits, jnp.array([[len(prefix) + 1]]), jnp.array([[gt]]),
                                 jnp.asarray(DIGITS))
     np.testing.assert_allclose(float(got[0, 0]), want[gt - 1], rtol=1e-5, atol=1e-6)
+  # The evaluator's ranking: one pass with the index written "1" scores all ten indices.
+  logits = model(jnp.asarray(_sequence(prefix, 1))[None])
+  ranked = losses.index_log_probs(logits, jnp.array([[len(prefix) + 1]]), jnp.asarray(DIGITS))
+  np.testing.assert_allclose(np.asarray(ranked[0, 0]), want, rtol=1e-5, atol=1e-6)
+  # Written "7", the second factor of 1 and 10 is conditioned on the wrong digit.
+  logits = model(jnp.asarray(_sequence(prefix, 7))[None])
+  wrong = losses.index_log_probs(logits, jnp.array([[len(prefix) + 1]]), jnp.asarray(DIGITS))
+  assert not np.allclose(np.asarray(wrong[0, 0])[[0, 9]], want[[0, 9]], rtol=1e-3)

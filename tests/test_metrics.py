@@ -63,7 +63,9 @@ def test_retriever_r1_is_the_candidate_lists_own_top1():
 
 def test_compute_reports_counts_and_per_turn(tmp_path):
   out = metrics.compute(_results())
-  assert out["r@1"] == 0.5 and out["r@10"] == 0.5
+  assert out["r@1"] == 0.5 and out["retriever_r@10"] == 0.5
+  assert "r@10" not in out  # the paper's name only with the official denominators
+  assert "ranking_r@1" not in out  # no index scores, no ranking
   assert out["r@1_iou0.7"] == 0.5 and out["r@1_iou0.3"] == 0.5
   assert out["miou"] == pytest.approx(0.75 / 2)
   assert out["counts"]["video_unparsed"] == 1 and out["counts"]["moment_unparsed"] == 1
@@ -71,12 +73,50 @@ def test_compute_reports_counts_and_per_turn(tmp_path):
   rows = out["per_turn"]
   assert rows[0]["r@1"] == 0.5 and rows[0]["video_turns"] == 2
   assert rows[1]["r@1_iou0.5"] == 0.5 and rows[2]["video_turns"] == 0
+  assert (rows[0]["video_unparsed"], rows[1]["moment_unparsed"]) == (1, 1)
   table = metrics.per_turn_markdown(rows)
-  assert "| R@1 | 50.0 |" in table
-  bars = plots.per_turn_bars(rows, str(tmp_path / "per_turn.png"))
-  hist = plots.iou_histogram([0.75, 0.0], str(tmp_path / "iou.png"))
+  assert "| R@1 | 50.0 |" in table and "| unparsed video / moment | 1 / 0 | 0 / 1 |" in table
+  assert out["warnings"] == []  # half unparsable is not "most"
+  bars = plots.per_turn_bars(rows, str(tmp_path / "per_turn.png"), warnings=["all unparsed"])
+  hist = plots.iou_histogram([0.75, 0.0], str(tmp_path / "iou.png"), unparsed=1)
   for path in (bars, hist):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _scored(gt_index, scores, **kw):
+  return TurnResult("d", 1, "video", f"video {gt_index}", "?", gt_index=gt_index,
+                    index_scores=tuple(scores), **kw)
+
+
+def test_model_ranking_from_index_scores():
+  logp = lambda order: [-float(order.index(n)) for n in range(1, 11)]  # order[0] is the best
+  results = [
+      _scored(3, logp([3, 1, 2, 4, 5, 6, 7, 8, 9, 10])),  # rank 1
+      _scored(7, logp([1, 2, 7, 3, 4, 5, 6, 8, 9, 10])),  # rank 3
+      _scored(10, logp([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])),  # rank 10
+      _scored(2, [0.0] * 10),  # all tied: ties count against the ground truth, rank 10
+      TurnResult("e", 1, "video", "video 1", "video 1", gt_index=1, pred_index=1),  # unscored
+  ]
+  assert [metrics.model_rank(r) for r in results] == [1, 3, 10, 10, None]
+  out = metrics.compute(results)
+  assert out["ranking_r@1"] == pytest.approx(1 / 5) and out["ranking_r@3"] == pytest.approx(2 / 5)
+  assert out["ranking_r@5"] == pytest.approx(2 / 5)
+  assert out["ranking_mrr"] == pytest.approx((1 + 1 / 3 + 1 / 10 + 1 / 10) / 5)
+  assert out["counts"]["ranked_turns"] == 4
+  assert out["r@1"] == pytest.approx(1 / 5)  # the generated answers: only the unscored turn
+
+
+def test_most_answers_unparsable_is_said_loudly():
+  results = [TurnResult(f"d{i}", 1, "video", "video 2", "The second one.", gt_index=2)
+             for i in range(3)]
+  results += [TurnResult("m", 2, "moment", "1s-5s", "at 1s-5s", gt_span=(1, 5),
+                         pred_span=(1, 5))]
+  out = metrics.compute(results)
+  assert len(out["warnings"]) == 1 and out["warnings"][0].startswith(
+      "3 of 3 video-retrieval answers name no candidate")
+  lines = metrics.summary(out).splitlines()
+  assert lines[0].startswith("r@1 0.000, retriever_r@1 0.000, retriever_r@10 1.000")
+  assert lines[1].startswith("WARNING: 3 of 3 video-retrieval answers")
 
 
 def test_first_video_and_moment_turns_count():
@@ -114,6 +154,7 @@ RECORDS = [
 def test_official_denominators_count_every_gpt_turn_of_the_split():
   den = metrics.official_denominators(RECORDS, "test", source="ann.json")
   assert (den.video, den.moment, den.chat, den.source) == (4, 2, 1, "ann.json")
+  assert den.unscored == 1  # the type-[7] dialogue: its turns are counted above
   assert dict(den.per_turn) == {1: (3, 0), 2: (0, 2), 3: (1, 0)}
   assert metrics.official_denominators(RECORDS, "train").video == 1
 
@@ -123,10 +164,12 @@ def test_official_denominators_count_unevaluated_turns_as_misses():
   results = _results()[:4]  # 2 video turns (1 hit), 2 moment turns (1 with IoU 0.75) at turns 1-2
   out = metrics.compute(results, denominators=den)
   assert out["r@1"] == pytest.approx(1 / 4) and out["r@10"] == pytest.approx(1 / 4)
+  assert out["retriever_r@10"] == out["r@10"]
   assert out["r@1_iou0.7"] == pytest.approx(1 / 2) and out["miou"] == pytest.approx(0.75 / 2)
   assert out["counts"]["video_turns"] == 2 and out["counts"]["r@1_hits"] == 1
   assert out["denominators"] == {"mode": "official", "video": 4, "moment": 2,
-                                 "chat_excluded": 1, "source": "ann.json"}
+                                 "chat_excluded": 1, "source": "ann.json",
+                                 "type7_dialogues_unscored": 1}
   rows = out["per_turn"]
   assert (rows[0]["video_turns"], rows[0]["moment_turns"]) == (3, 0)
   assert (rows[0]["video_evaluated"], rows[0]["moment_evaluated"]) == (2, 0)

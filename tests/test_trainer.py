@@ -7,7 +7,7 @@ from flax import nnx
 
 from ivcr_jax.data.pipeline import Layout
 from ivcr_jax.models.interllava import InterLLaVA
-from ivcr_jax.training import event_file, trainer
+from ivcr_jax.training import trainer
 from tests.test_train_step import DIGITS, synthetic_batch
 
 
@@ -70,9 +70,24 @@ def test_resume_is_exact(tiny_config, tmp_path):
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(second.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert "val_loss_lm" in straight.history[2] and "val_perplexity" in straight.history[5]
-  files = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
-  tags = {t for _, t, _ in event_file.read_scalars(str(files[0]))}
-  assert {"loss", "loss_lm", "loss_index", "loss_span", "lr", "val_loss_lm"} <= tags
+  _check_tensorboard(tmp_path / "a" / "tensorboard", straight.history)
+
+
+def _check_tensorboard(directory, history):
+  """TensorBoard's own reader (not ours) sees every logged scalar at its step."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(directory))
+  acc.Reload()
+  assert {"loss", "loss_lm", "loss_index", "loss_span", "lr", "val_loss_lm"} <= set(
+      acc.Tags()["scalars"])
+  loss = acc.Scalars("loss")
+  assert [e.step for e in loss] == [h["step"] for h in history]
+  np.testing.assert_allclose([e.value for e in loss], [h["loss"] for h in history], rtol=1e-6)
+  val = [(h["step"], h["val_loss_lm"]) for h in history if "val_loss_lm" in h]
+  assert [e.step for e in acc.Scalars("val_loss_lm")] == [s for s, _ in val] != []
+  np.testing.assert_allclose([e.value for e in acc.Scalars("val_loss_lm")], [v for _, v in val],
+                             rtol=1e-6)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
@@ -86,3 +101,4 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
   from ivcr_jax.training.checkpointing import Checkpointer
 
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
+

@@ -12,7 +12,7 @@ from flax import nnx
 from configs.interllava import get_config
 from ivcr_jax import experiment, sharding
 from ivcr_jax.convert import checkpoint_chain
-from ivcr_jax.convert.mapping import CheckpointError
+from ivcr_jax.convert.mapping import CheckpointError, Int8Linear
 from ivcr_jax.data import tokenizer as tokenizer_lib
 
 LLAMA_VOCAB = 1024  # the toy tokenizer's vocabulary before the 5 IVCR tokens
@@ -248,6 +248,109 @@ def test_ivcr_checkpoint_replaces_timechat_and_videollama(files, tokenizer, tmp_
   text = "\n".join(logs)
   assert "timechat: skipped (replaced by the IVCR checkpoint" in text
   assert "videollama: skipped (replaced by the IVCR checkpoint" in text
+
+
+def official_dump(m, seed=11) -> tuple[dict, object]:
+  """What `torch.save(model.state_dict())` of the official IVCR holds, at the dims of `m`: the
+  LLaMA (vocabulary already grown) as `get_peft_model` names it under `llama_model.`, the ViT
+  under `visual_encoder.`, `ln_vision`, the trainable parts and the buffers (§6.1). Returns the
+  state dict and the PEFT model (eval mode) it came from."""
+  from peft import LoraConfig, get_peft_model
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  torch.manual_seed(seed)
+  llm = m.llm
+  base = LlamaForCausalLM(LlamaConfig(
+      vocab_size=llm.vocab_size, hidden_size=llm.hidden, intermediate_size=llm.mlp_dim,
+      num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
+      num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, rms_norm_eps=llm.rms_eps,
+      max_position_embeddings=llm.max_position, attn_implementation="eager"))
+  peft_model = get_peft_model(base, LoraConfig(
+      r=m.lora.rank, lora_alpha=m.lora.alpha, target_modules=list(m.lora.targets),
+      init_lora_weights=False)).eval()
+  llama = {f"llama_model.{k}": v.detach().clone() for k, v in peft_model.state_dict().items()}
+  spec = official_spec(m)
+  assert {k for k in spec if "lora_" in k} <= llama.keys()  # the reference's names are PEFT's
+  state = {**random_state({k: s for k, s in spec.items() if "lora_" not in k}, seed),
+           **{f"visual_encoder.{k}": v for k, v in random_state(eva_spec(m.vit), seed + 1).items()},
+           **random_state({"ln_vision.weight": (m.vit.width,), "ln_vision.bias": (m.vit.width,),
+                           "Qformer.cls.predictions.bias": (m.qformer.vocab_size,)}, seed + 2),
+           "Qformer.bert.embeddings.position_ids": torch.arange(m.qformer.max_position)[None],
+           **llama}
+  return state, peft_model
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """LLM.int8 row-wise quantisation as bitsandbytes stores it: int8 rows and their absmax."""
+  scb = weight.abs().amax(dim=1)
+  return torch.round(weight * (127 / scb[:, None])).to(torch.int8), scb
+
+
+def test_full_official_state_dict_dump_in_one_step(tokenizer, tmp_path):
+  import jax.numpy as jnp
+
+  _, m = chain_config(tokenizer)
+  state, peft_model = official_dump(m)
+  base = "llama_model.base_model.model.model.layers.1."
+  assert base + "self_attn.q_proj.base_layer.weight" in state  # PEFT >= 0.7 names
+  path = save(tmp_path / "ivcr_full.pth", state, wrap=False)
+  logs = []
+  model = checkpoint_chain.build_initial_model(m, {**EMPTY, "ivcr": path}, seed=0,
+                                               log=logs.append)
+  text = "\n".join(logs)
+  assert "initialised 0 parameters" in text  # the dump alone supplies every parameter
+  assert "ivcr: loaded visual_encoder, ln_vision, qformer" in text and ", llama;" in text
+  llm, attn = model.llm, model.llm.layers.self_attn
+  np.testing.assert_array_equal(
+      attn.k_proj.kernel[...][1],
+      np_(state[base + "self_attn.k_proj.base_layer.weight"]).T.reshape(m.llm.hidden, -1,
+                                                                         m.llm.head_dim))
+  np.testing.assert_array_equal(llm.layers.mlp.down_proj.kernel[...][1],
+                                np_(state[base + "mlp.down_proj.weight"]).T)
+  np.testing.assert_array_equal(llm.embed_tokens.embedding[...],
+                                np_(state["llama_model.base_model.model.model.embed_tokens.weight"]))
+  np.testing.assert_array_equal(model.vision.vit.blocks.fc2.kernel[...][0],
+                                np_(state["visual_encoder.blocks.0.mlp.fc2.weight"]).T)
+  np.testing.assert_array_equal(model.vision.vit.ln_vision.scale[...],
+                                np_(state["ln_vision.weight"]))
+  ids = np.random.default_rng(0).integers(0, m.llm.vocab_size, (2, 23))
+  with torch.no_grad():
+    ref = peft_model(torch.as_tensor(ids)).logits.numpy()
+  ours = np.asarray(llm(jnp.asarray(ids)), np.float32)
+  np.testing.assert_allclose(ours, ref, atol=2e-5 * np.abs(ref).max())
+
+  # Before PEFT 0.7 the wrapped projections kept their plain `.weight` name.
+  old = {k.replace(".base_layer.weight", ".weight"): v for k, v in state.items()}
+  old_model = checkpoint_chain.build_initial_model(
+      m, {**EMPTY, "ivcr": save(tmp_path / "ivcr_old_peft.pth", old, wrap=False)}, seed=0)
+  np.testing.assert_array_equal(old_model.llm.layers.self_attn.k_proj.kernel[...],
+                                attn.k_proj.kernel[...])
+
+  # The official 8-bit LLaMA: int8 rows with their SCB statistics are dequantised.
+  int8 = dict(state)
+  q_key = base + "self_attn.q_proj.base_layer.weight"
+  gate_key = base + "mlp.gate_proj.weight"
+  for key in (q_key, gate_key):
+    int8[key], int8[key.removesuffix("weight") + "SCB"] = int8_rows(state[key])
+    int8[key.removesuffix("weight") + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+  q8 = checkpoint_chain.build_initial_model(
+      m, {**EMPTY, "ivcr": save(tmp_path / "ivcr_int8.pth", int8, wrap=False)}, seed=0)
+  for key, kernel in ((q_key, q8.llm.layers.self_attn.q_proj.kernel[...][1]),
+                      (gate_key, q8.llm.layers.mlp.gate_proj.kernel[...][1])):
+    weight, scb = int8_rows(state[key])
+    dense = np_(weight.float() * scb[:, None] / 127)
+    np.testing.assert_allclose(np.asarray(kernel).reshape(-1, dense.shape[0]), dense.T, rtol=1e-6)
+    assert np.abs(dense - np_(state[key])).max() > 0  # the values really went through int8
+  back, scb = Int8Linear(1).to_torch(np.asarray(q8.llm.layers.mlp.gate_proj.kernel[...][1]))
+  np.testing.assert_array_equal(back, np_(int8[gate_key]))  # export quantises to the same rows
+  np.testing.assert_allclose(scb, np_(int8[base + "mlp.gate_proj.SCB"]), rtol=1e-6)
+
+  # A dump whose LLaMA is incomplete names the missing key.
+  cut = {k: v for k, v in state.items() if k != gate_key}
+  with pytest.raises(CheckpointError, match=r"ivcr_cut\.pth \(ivcr\): missing keys: "
+                                            + gate_key.replace(".", r"\.")):
+    checkpoint_chain.build_initial_model(
+        m, {**EMPTY, "ivcr": save(tmp_path / "ivcr_cut.pth", cut, wrap=False)}, seed=0)
 
 
 def test_hf_directories_for_the_vit_and_instructblip(files, tokenizer, tmp_path):

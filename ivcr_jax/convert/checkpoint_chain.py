@@ -11,6 +11,10 @@ Steps, in order, each optional (an empty `weights.<name>` skips it with a log li
 5. `videollama`: `VL_LLaMA_2_7B_Finetuned.pth`: only the keys starting with `video_Qformer`,
    overriding TimeChat's video Q-Former.
 With `weights.ivcr` (an official IVCR checkpoint, for evaluation) steps 4-5 are replaced by it.
+`weights.ivcr` may also be a full `torch.save(model.state_dict())` dump of the official `IVCR`
+(no "model" entry): its ViT, `ln_vision` and the LLaMA base under PEFT names
+(`llama_model.base_model.model.….base_layer.weight`, or `….weight` before PEFT 0.7; LLM.int8
+weights with their `SCB` are dequantised) are then loaded too, so it alone makes the model.
 
 A LAVIS-layout file is read by parameter group (`official_groups`, built from the mapping tables
 of `ivcr_jax.convert.vision` and `llama_hf`): a step's required groups must be complete, any other
@@ -36,7 +40,7 @@ from flax import nnx
 
 from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
-from ivcr_jax.convert.mapping import CheckpointError, Path, Rule
+from ivcr_jax.convert.mapping import CheckpointError, Int8Linear, Linear, Path, Rule
 from ivcr_jax.convert.sources import (
     SafetensorsSource,
     TensorSource,
@@ -56,7 +60,7 @@ OFFICIAL_TRAINABLE = ("qformer", "query_tokens", "frame_position_embedding", "vi
 # Keys the official code also skips or that it never uses (§6.1-6.2): buffers, the unused BERT LM
 # head, InstructBLIP's own LLM projection and LLM, and bitsandbytes int8 side buffers.
 LAVIS_IGNORED = (r"(^|\.)position_ids$", r"^Qformer\.cls\.", r"^llm_proj\.", r"^llm_model\.",
-                 r"\.SCB$", r"\.weight_format$")
+                 r"\.SCB$", r"\.weight_format$", r"\.rotary_emb\.inv_freq$")
 # EVA-CLIP heads that LAVIS' encoder does not have.
 EVA_IGNORED = (r"^(norm|fc_norm|head)\.",)
 HF_BLIP_IGNORED = (r"(^|\.)position_ids$", r"^language_model\.", r"^language_projection\.")
@@ -102,6 +106,32 @@ def official_groups(cfg: ml_collections.ConfigDict) -> dict[str, list[Rule]]:
     groups["lora"] = rooted(llama_hf.lora_rules(cfg.llm.depth, cfg.lora.targets), ("llm",),
                             official_lora_key)
   return groups
+
+
+def official_llama_rules(cfg: ml_collections.ConfigDict, keys: Iterable[str]) -> list[Rule]:
+  """The LLaMA base of a full official `model.state_dict()` dump (§6.1), targeting `llm`: the
+  HF names (`llama_rules`) under `llama_model.base_model.model.`, a LoRA-wrapped projection's
+  weight at `….base_layer.weight` when `keys` use that PEFT >= 0.7 name, and an LLM.int8 weight
+  read with its `SCB` when `keys` hold both (official 8-bit loading; a trainable-only checkpoint
+  may carry stray `SCB` buffers without weights, §6.2)."""
+  keys = set(keys)
+  base_layer = any(k.endswith(".base_layer.weight") for k in keys)
+  wrapped = tuple(f".{t}.weight" for t in cfg.lora.targets) if cfg.lora.rank else ()
+  out = []
+  for r in rooted(llama_hf.llama_rules(cfg.llm.depth), ("llm",)):
+    (hf_key,) = r.sources
+    if base_layer and hf_key.endswith(wrapped):
+      hf_key = hf_key.removesuffix(".weight") + ".base_layer.weight"
+    key = f"{OFFICIAL_LORA_PREFIX}{llama_hf.PEFT_PREFIX}{hf_key}"
+    scb = key.removesuffix(".weight") + ".SCB"
+    if scb in keys and key in keys:
+      if not isinstance(r.transform, Linear):
+        raise CheckpointError(f"{key}: int8 statistics {scb} on a parameter that is not a Linear")
+      out.append(dataclasses.replace(r, sources=(key, scb),
+                                     transform=Int8Linear(r.transform.n_in)))
+    else:
+      out.append(dataclasses.replace(r, sources=(key,)))
+  return out
 
 
 def official_rules(cfg: ml_collections.ConfigDict,
@@ -177,15 +207,16 @@ class LlamaLoad:
     return rooted(llama_hf.llama_rules(self.depth), ("llm",))
 
 
-def open_source(path: str, key: str | None = None) -> TensorSource:
+def open_source(path: str, key: str | None = None, *, bare: bool = False) -> TensorSource:
   """A checkpoint file or HF directory; unreadable (corrupt, truncated, wrong kind of) files
-  raise CheckpointError naming the file."""
+  raise CheckpointError naming the file. `bare`: a torch file without the `key` entry may be
+  the state dict itself."""
   try:
     if os.path.isdir(path):
       return directory_source(path)
     if path.endswith((".safetensors", ".safetensors.index.json")):
       return SafetensorsSource(path)
-    return TorchFileSource(path, key=key)
+    return TorchFileSource(path, key=key, bare=bare)
   except Exception as e:  # torch, pickle, zipfile and safetensors each raise their own types
     raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
 
@@ -237,7 +268,10 @@ def plan(cfg: ml_collections.ConfigDict, weights: Mapping[str, str]) -> list[Loa
       if step == "timechat" and weights.get("ivcr"):
         continue
       groups = official_groups(cfg)
-      loads.append(Load(step, open_source(path, "model"), groups,
+      source = open_source(path, "model", bare=step == "ivcr")
+      if step == "ivcr":
+        groups["llama"] = official_llama_rules(cfg, source.keys())
+      loads.append(Load(step, source, groups,
                         tuple(g for g in OFFICIAL_TRAINABLE if g in groups), LAVIS_IGNORED))
     elif step == "videollama" and not weights.get("ivcr"):
       groups = {"video_qformer": official_groups(cfg)["video_qformer"]}

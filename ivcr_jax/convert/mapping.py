@@ -75,6 +75,32 @@ class Linear(Transform):
 
 
 @dataclasses.dataclass(frozen=True)
+class Int8Linear(Transform):
+  """A bitsandbytes LLM.int8 Linear as `state_dict` saves it (the official 8-bit LLaMA): int8
+  `weight` `[out, in]` in row format and `SCB` `[out]`, each row's absolute maximum, so that
+  weight = int8 * SCB / 127 <-> kernel `[*in_dims, *out_dims]`."""
+
+  n_in: int = 1
+
+  def source_shapes(self, shape):
+    out_features = math.prod(shape[self.n_in:])
+    return [(out_features, math.prod(shape[:self.n_in])), (out_features,)]
+
+  def to_jax(self, tensors, shape):
+    weight, scb = tensors
+    if weight.dtype != np.int8:
+      raise CheckpointError(f"an int8 weight with SCB statistics has dtype {weight.dtype}")
+    dense = weight.astype(np.float32) * (scb.astype(np.float32)[:, None] / 127.0)
+    return dense.T.reshape(shape)
+
+  def to_torch(self, array):
+    dense = array.reshape(math.prod(array.shape[:self.n_in]), -1).T.astype(np.float32)
+    scb = np.abs(dense).max(axis=1)
+    scale = np.where(scb > 0, 127.0 / np.maximum(scb, 1e-30), 0.0)[:, None]
+    return [np.round(dense * scale).astype(np.int8), scb]
+
+
+@dataclasses.dataclass(frozen=True)
 class Conv2d(Transform):
   """torch conv weight `[out, in, kh, kw]` <-> our patch kernel `[kh, kw, in, out]`."""
 

@@ -89,12 +89,15 @@ class TorchFileSource(TensorSource):
   `*.bin.index.json`, loaded with `mmap=True` so tensors are only read when asked for.
 
   Needs torch (imported here only); bf16 tensors come back widened to float32. `key` names the
-  entry of a saved dict that holds the state dict (LAVIS / IVCR checkpoints: "model").
+  entry of a saved dict that holds the state dict (LAVIS / IVCR checkpoints: "model"); with
+  `bare`, a file without that entry whose values are all tensors is the state dict itself
+  (`torch.save(model.state_dict())`).
   """
 
-  def __init__(self, path: str | os.PathLike, key: str | None = None):
+  def __init__(self, path: str | os.PathLike, key: str | None = None, bare: bool = False):
     self.name = os.fspath(path)
     self.key = key
+    self.bare = bare
     self.files = _shard_map(self.name)
     self._loaded: dict[str, Mapping[str, object]] = {}
     if self.files is None:
@@ -105,7 +108,9 @@ class TorchFileSource(TensorSource):
       import torch  # torch checkpoints need torch to unpickle
 
       loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-      if self.key is not None:
+      is_state_dict = isinstance(loaded, Mapping) and all(
+          hasattr(v, "shape") for v in loaded.values())
+      if self.key is not None and not (self.bare and is_state_dict):
         if not isinstance(loaded, Mapping) or self.key not in loaded:
           found = list(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
           raise KeyError(f"{file} has no {self.key!r} entry (found {found})")

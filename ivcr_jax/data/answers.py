@@ -15,8 +15,9 @@ Generated answers, two parsers (`predicted_index`, `predicted_span`):
   with its fallback and its [0, 0] when nothing parses).
 - `official=False` (default) reads what a generated answer states and nothing else: clock times,
   units glued to numbers, word and Chinese separators, "starts at ... ends at ...", and no span
-  made of a video index, a year range or the first numbers of unrelated lines. README "Parsing
-  generated answers" lists every difference.
+  made of a video index, a year range or the first numbers of unrelated lines (two consecutive
+  lines of nothing but a number each are a span), thousands separators, and a video index stated
+  as the answer over an enumeration. README "Parsing generated answers" lists every difference.
 """
 
 from __future__ import annotations
@@ -102,14 +103,20 @@ def predicted_index(text: str, *, official: bool = False) -> int | None:
   """The candidate (1..10) a generated retrieval answer names, or None.
 
   official: `extract_video_numbers_first_only` as is (it may return 0, which matches no ground
-  truth). Otherwise the first mention naming a legal candidate: "video 3", "Video3",
-  "video #3", "video no. 3", "视频3", "第三个视频"; "video 0" and "video 11" are skipped.
+  truth). Otherwise a mention naming a legal candidate: "video 3", "Video3", "video #3",
+  "video no. 3", "视频3", "第三个视频" ("video 0" and "video 11" are skipped). The first mention
+  stated as the answer ("the best match is video 7", "video 2 matches best", "the answer is
+  video 7", "答案是视频7") wins over earlier ones, which may only enumerate the candidates; else
+  the first mention.
   """
   if official:
     return parse_video_index(text)
-  m = _INDEX_RE.search(_normalise(text))
-  if m is None:
+  t = _normalise(text)
+  mentions = list(_INDEX_RE.finditer(t))
+  if not mentions:
     return None
+  m = next((m for m in mentions if _STATED_BEFORE_RE.search(t, 0, m.start())
+            or _STATED_AFTER_RE.match(t, m.end())), mentions[0])
   n = m.group("en") or m.group("zh") or m.group("ord")
   return int(n) if n.isdigit() else _CHINESE_DIGITS[n]
 
@@ -167,6 +174,13 @@ _INDEX_RE = re.compile(
     r"(?<![a-z])video\s*(?:#|no\.?|number)?\s*(?P<en>10|[1-9])(?![0-9a-z_])"
     r"|视频\s*(?P<zh>10|[1-9])(?![0-9])"
     r"|第\s*(?P<ord>10|[1-9]|[一二两三四五六七八九十])(?![0-9])\s*(?:个|部|段)?\s*视频")
+# A mention stated as the answer: what precedes it, or what follows it.
+_STATED_BEFORE_RE = re.compile(
+    r"(?:(?<![a-z])(?:best\s+(?:match|fit|one)|answer)\s*(?:is|:|would\s+be)"
+    r"|答案\s*(?:是|为|:)|最(?:符合|匹配|相关)的(?:视频)?\s*(?:是|为))\s*(?:the\s+)?$")
+_STATED_AFTER_RE = re.compile(
+    r"\s*(?:matches\s+best|fits\s+best|best\s+matches|is\s+the\s+(?:best|answer)(?![a-z])"
+    r"|最(?:符合|匹配|相关))")
 
 _SECONDS = r"(?:s|secs?|seconds?|秒钟?)(?![a-z])"
 _MINUTES = r"(?:mins?|minutes?|分钟)(?![a-z])"
@@ -196,6 +210,7 @@ _FROM_BEFORE_RE = re.compile(
 _BETWEEN_BEFORE_RE = re.compile(r"(?:(?<![a-z])between|在)\s*$")
 _BETWEEN_AFTER_RE = re.compile(r"\s*(?:之间|中间)")
 _LOOK_BEHIND = 24  # characters of context read before a number
+_LINE_BREAK_RE = re.compile(r"[ \t.,;:!?]*\n\s*")  # the end of a line, the next non-blank one
 
 
 @dataclasses.dataclass
@@ -210,6 +225,21 @@ class _Time:
 
 def _normalise(text: str) -> str:
   return unicodedata.normalize("NFKC", text).lower()
+
+
+# "1,234.5": ASCII commas between digit groups of three. Joined before NFKC, which would turn the
+# full-width comma of "视频3，120秒" into one; not after a counting word ("videos 3,120s").
+_THOUSANDS_RE = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d])(?!,\d)")
+
+
+def _join_thousands(text: str) -> str:
+  lower = text.lower()
+
+  def join(m: re.Match) -> str:
+    counted = _COUNTED_RE.search(lower[max(0, m.start() - _LOOK_BEHIND):m.start()])
+    return m.group(0) if counted else m.group(0).replace(",", "")
+
+  return _THOUSANDS_RE.sub(join, text)
 
 
 def _times(t: str) -> list[_Time]:
@@ -245,12 +275,32 @@ def _times(t: str) -> list[_Time]:
   return out
 
 
+def _alone_on_line(t: str, x: _Time) -> bool:
+  """Whether the line holding `x` holds nothing else (trailing punctuation aside)."""
+  line_start = t.rfind("\n", 0, x.start) + 1
+  line_end = t.find("\n", x.end)
+  return (not t[line_start:x.start].strip()
+          and not t[x.end:len(t) if line_end < 0 else line_end].strip(" \t.,;:!?"))
+
+
+def _number_lines(t: str, times: list[_Time], i: int) -> bool:
+  """Whether times i and i+1 are two consecutive (non-blank) lines of nothing but a number each,
+  and no number line or line-final number joins them (a list of three is not a span)."""
+  a, b = times[i], times[i + 1]
+  if not (_LINE_BREAK_RE.fullmatch(t[a.end:b.start]) and _alone_on_line(t, a)
+          and _alone_on_line(t, b)):
+    return False
+  before = i > 0 and _LINE_BREAK_RE.fullmatch(t[times[i - 1].end:a.start])
+  after = i + 2 < len(times) and _LINE_BREAK_RE.fullmatch(t[b.end:times[i + 2].start])
+  return not (before or after)
+
+
 def _improved_span(text: str) -> tuple[float, float] | None:
-  t = _normalise(text).replace(_OFFICIAL_EXAMPLE, "")
+  t = _normalise(_join_thousands(text)).replace(_OFFICIAL_EXAMPLE, "")
   t = re.sub(r"\.{2,}", ".", t)
   times = _times(t)
   first_bare = None
-  for a, b in itertools.pairwise(times):
+  for i, (a, b) in enumerate(itertools.pairwise(times)):
     if a.counted or b.counted:
       continue
     if a.unit is None and b.unit is None and a.integer_digits == b.integer_digits == 4:
@@ -271,6 +321,8 @@ def _improved_span(text: str) -> tuple[float, float] | None:
       if not (_BETWEEN_BEFORE_RE.search(before) or _BETWEEN_AFTER_RE.match(t, b.end)):
         continue
       evidence = True
+    elif _number_lines(t, times, i):
+      evidence = unit or keyword
     else:
       continue
     start = a.seconds * 60 if a.unit is None and b.unit == "min" else a.seconds  # "1-2 minutes"

@@ -11,10 +11,18 @@ Prompts are rendered by the same `prompt.encode` as training (generation mode: t
 " [/INST]"), videos are spliced by the same `assemble`, and answers are parsed by
 `ivcr_jax.data.answers`, the module the loss labels use.
 
+The model's own ranking: every retrieval turn is also scored without generation. One
+teacher-forced forward pass with the ground-truth history and answer, its index written "1",
+gives the model's probability of answering each of the 10 candidates (the restricted index
+distribution of L_V, `losses.index_log_probs`); the candidates ranked by it give R@1/3/5 and MRR
+(`metrics`), whatever the answers' wording.
+
 Parsing (`official_parsing`): by default generated answers are read by the improved parser and
 moment turns are scored against `gt_se`; the official mode reads them with the official parsers,
 bugs included, and takes the ground-truth span from the answer text as the official script does
-(`extract_time_ranges`). Denominators (`official_denominators`): see `metrics`.
+(`extract_time_ranges`). Denominators (`official_denominators`): see `metrics`; in that mode
+type-[7] dialogues are not answered (`scored_dialogues`), as the official test set has none of
+their turns.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm import tqdm
@@ -39,7 +49,7 @@ from ivcr_jax.evaluation import metrics, plots
 from ivcr_jax.evaluation.metrics import TurnResult
 from ivcr_jax.models.generation import generate
 from ivcr_jax.models.interllava import InterLLaVA
-from ivcr_jax.training import trainer
+from ivcr_jax.training import losses, trainer
 
 HISTORY_MODES = ("oracle", "interactive")
 
@@ -53,6 +63,13 @@ class Prediction:
 
 def _kind(turn) -> str:
   return {RETRIEVAL: "video", MOMENT: "moment", CHAT: "chat"}[turn.kind]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _index_log_probs(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, digits: jax.Array
+                     ) -> jax.Array:
+  logits = nnx.merge(graphdef, state)(batch)
+  return losses.index_log_probs(logits, batch["index_pos"], digits)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -111,6 +128,50 @@ class Evaluator:
     self.stats["turns"] += len(samples)
     self.stats["seconds"] += time.perf_counter() - start
     return out
+
+  def index_scores(self, samples: Sequence[Sample]) -> np.ndarray:
+    """`[N, 10]` log-probabilities of answering index 1..10 in each sample's last turn, a
+    retrieval answer teacher-forced with its index written "1" (`ranking_sample`); one forward
+    pass per batch, no generation."""
+    digits = jnp.asarray(trainer.digits_of(self.tokenizer))
+    out = []
+    for i in tqdm(range(0, len(samples), self.batch_size), desc="ranking", unit="batch",
+                  leave=False, disable=not multihost.is_main()):
+      chunk = samples[i:i + self.batch_size]
+      elements = [self.encoder(s) for s in chunk]
+      batch = assemble(elements + elements[-1:] * (self.batch_size - len(elements)),
+                       self.encoder.layout)
+      if not batch["index_valid"][:len(chunk), 0].all():
+        raise ValueError(f"a ranking sample's answer has no index to score (dialogues "
+                         f"{[s.dialogue.name for s in chunk]})")
+      scores = _index_log_probs(self._graphdef, self._state, self._place(batch), digits)
+      out.append(multihost.host_array(scores)[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+
+def ranking_sample(dialogue: Dialogue, t: int) -> Sample:
+  """Turn t (a retrieval turn) supervised, its ground-truth answer's index written "1": the
+  tokens up to that digit are all the index distribution depends on, and after a "1" both
+  P(1) and P(10) can be read (`losses.index_log_probs`)."""
+  turn = dialogue.turns[t]
+  found = answers.find_video_index(turn.answer)
+  if turn.kind != RETRIEVAL or found is None:
+    raise ValueError(f"{dialogue.name} turn {t + 1} is not a retrieval answer naming a video")
+  answer = turn.answer[:found.start] + "1" + turn.answer[found.end:]
+  turns = (*dialogue.turns[:t], dataclasses.replace(turn, answer=answer), *dialogue.turns[t + 1:])
+  return Sample(dataclasses.replace(dialogue, turns=turns), t + 1, (t,))
+
+
+def with_ranking(evaluator: Evaluator, dialogues: Sequence[Dialogue],
+                 preds: Sequence[Prediction]) -> list[Prediction]:
+  """`preds` with the model's index scores on every retrieval turn (ground-truth history)."""
+  items = [(d, t) for d in dialogues for t, turn in enumerate(d.turns) if turn.kind == RETRIEVAL]
+  scores = evaluator.index_scores([ranking_sample(d, t) for d, t in items])
+  by_turn = {(str(d.index), t + 1): tuple(map(float, s))
+             for (d, t), s in zip(items, scores, strict=True)}
+  return [dataclasses.replace(p, result=dataclasses.replace(
+      p.result, index_scores=by_turn.get((p.result.dialogue_id, p.result.turn))))
+          for p in preds]
 
 
 def _result(dialogue: Dialogue, t: int, text: str, video_ok: bool, official_parsing: bool
@@ -177,6 +238,15 @@ def _carry_forward(d: Dialogue, t: int, text: str, official_parsing: bool = Fals
   return dataclasses.replace(d, turns=tuple(turns))
 
 
+def scored_dialogues(dialogues: Sequence[Dialogue], official_denominators: bool
+                     ) -> list[Dialogue]:
+  """The dialogues to answer: all of them, or with the official denominators those the official
+  test conversion keeps (B10 empties type [7]; their turns stay in the denominators as misses)."""
+  if not official_denominators:
+    return list(dialogues)
+  return [d for d in dialogues if d.type != metrics.OFFICIAL_UNSCORED_TYPE]
+
+
 def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing: bool = False,
                   denominators: metrics.Denominators | None = None) -> dict:
   """predictions.jsonl, metrics.json, per_turn.md and the PNG plots under `out_dir`.
@@ -190,7 +260,8 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing
           "dialogue": r.dialogue_id, "turn": r.turn, "type": r.kind, "prompt": p.prompt,
           "video": p.video, "generated": r.prediction, "parsed_index": r.pred_index,
           "parsed_span": r.pred_span, "gt_answer": r.reference, "gt_index": r.gt_index,
-          "gt_span": r.gt_span}, ensure_ascii=False) + "\n")
+          "gt_span": r.gt_span, "index_log_probs": r.index_scores,
+          "model_rank": metrics.model_rank(r)}, ensure_ascii=False) + "\n")
   results = [p.result for p in preds]
   out = metrics.compute(results, denominators=denominators)
   out["parsing"] = "official" if official_parsing else "improved"
@@ -198,9 +269,12 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing
     json.dump(out, f, indent=1, ensure_ascii=False)
   with open(os.path.join(out_dir, "per_turn.md"), "w", encoding="utf-8") as f:
     f.write(metrics.per_turn_markdown(out["per_turn"]))
-  plots.per_turn_bars(out["per_turn"], os.path.join(out_dir, "per_turn.png"))
-  plots.iou_histogram([metrics.iou(r.pred_span, r.gt_span) for r in results if r.kind == "moment"],
-                      os.path.join(out_dir, "iou_histogram.png"))
+  plots.per_turn_bars(out["per_turn"], os.path.join(out_dir, "per_turn.png"),
+                      warnings=out["warnings"])
+  moment = [r for r in results if r.kind == "moment"]
+  plots.iou_histogram([metrics.iou(r.pred_span, r.gt_span) for r in moment],
+                      os.path.join(out_dir, "iou_histogram.png"),
+                      unparsed=sum(r.pred_span is None for r in moment))
   return out
 
 
@@ -240,12 +314,18 @@ def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
+  scored = scored_dialogues(dialogues, official_denominators)
+  if len(scored) < len(dialogues):
+    logging.info("official denominators: %d type-[%d] dialogues are counted as misses, not "
+                 "answered (B10)", len(dialogues) - len(scored), metrics.OFFICIAL_UNSCORED_TYPE)
+  dialogues = scored
   # Every process assembles whole batches (the same ones), so the layout is the global one.
   encoder = data.encoder(config, training=False, model=model, layout=Layout.from_config(config))
   ev = Evaluator(model, encoder, data.tokenizer,
                  config.generation, batch_size=config.train.batch_size,
                  mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
   preds = evaluate_dialogues(ev, dialogues, history, official_parsing=official_parsing)
+  preds = with_ranking(ev, dialogues, preds)
   out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
   if multihost.is_main():  # every process computed the same answers; one writes them
     out = write_outputs(preds, out_dir, official_parsing=official_parsing,

@@ -47,14 +47,18 @@ def _predicting(logits: jax.Array, positions: jax.Array) -> jax.Array:
   return jax.nn.log_softmax(rows, axis=-1).reshape(*positions.shape, logits.shape[-1])
 
 
-def index_log_prob(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Array,
-                   digit_ids: jax.Array) -> jax.Array:
-  """log P(target index) over the 10 legal indices, `[B, K]`.
+def index_log_probs(logits: jax.Array, first_digit_pos: jax.Array, digit_ids: jax.Array
+                    ) -> jax.Array:
+  """log P(n) for the indices n = 1..10, `[B, K, 10]`.
+
+  The second factor of P(1) and P(10) is read at the token after the first digit, so it is the
+  one conditioned on "1" only where that token is "1": for the ground truth's own probability
+  that is whenever it matters (`index_log_prob`); to score all ten indices in one forward pass
+  (the evaluator's ranking) the answer is teacher-forced with its index written "1".
 
   Args:
     logits: `[B, S, V]`.
     first_digit_pos: `[B, K]` position of the first digit of each retrieval answer's index.
-    target: `[B, K]` ground-truth index in 1..10.
     digit_ids: `[10]` token ids of "0".."9".
   """
   logp_first = _predicting(logits, first_digit_pos)[..., digit_ids[1:]]  # digits 1..9
@@ -64,10 +68,15 @@ def index_log_prob(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Ar
   log_zero = logp_second[..., digit_ids[0]]
   log_end = jnp.log(jnp.clip(1.0 - p_digits, 1e-30))  # any non-digit token terminates
   norm = jnp.logaddexp(log_zero, log_end)
-  first = jnp.where(target == 10, 1, target)
-  log_q1 = jnp.take_along_axis(q1, (first - 1)[..., None], axis=-1)[..., 0]
-  second = jnp.where(target == 10, log_zero - norm, jnp.where(target == 1, log_end - norm, 0.0))
-  return log_q1 + second
+  one, ten = q1[..., :1] + (log_end - norm)[..., None], q1[..., :1] + (log_zero - norm)[..., None]
+  return jnp.concatenate([one, q1[..., 1:], ten], axis=-1)
+
+
+def index_log_prob(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Array,
+                   digit_ids: jax.Array) -> jax.Array:
+  """log P(target index) over the 10 legal indices, `[B, K]` (`target` in 1..10)."""
+  all_ten = index_log_probs(logits, first_digit_pos, digit_ids)
+  return jnp.take_along_axis(all_ten, (target - 1)[..., None], axis=-1)[..., 0]
 
 
 def index_correct(logits: jax.Array, first_digit_pos: jax.Array, target: jax.Array,
