@@ -1,6 +1,6 @@
 """Train the phase-1 X-Pool retriever, then rank the evaluation split's corpus.
 
-  python -m ivcr_jax.retriever.train --config=configs/retriever.py[:PRESET] --workdir=DIR \
+  python -m ivcr_jax.retriever.train --config=configs/retriever.py[:PRESET] --workdir=DIR \\
       [--config.train.num_steps=N ...]
 
 PRESET: official (default; vision-tower features of IVCR-200K from a feature store), demo (the
