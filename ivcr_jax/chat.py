@@ -24,19 +24,13 @@ compiles once per shape bucket, so only the first turn of a kind waits for compi
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ivcr_jax import experiment, sharding
-from ivcr_jax.data import prepare, topk_store
-from ivcr_jax.data.pipeline import Layout
-from ivcr_jax.evaluation.evaluator import Evaluator
-from ivcr_jax.evaluation.session import ChatSession, run_repl
-from ivcr_jax.retriever import training as retriever_training
-from ivcr_jax.training import trainer
+from ivcr_jax import experiment
+from ivcr_jax.evaluation.session import run_repl
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/interllava.py", "The trained run's config file[:preset] (and the same "
@@ -47,34 +41,6 @@ _RETRIEVER_CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained InterLLaVA run directory.")
 _RETRIEVER = flags.DEFINE_string("retriever", None, "The trained retriever's run directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-
-
-def build_session(config, workdir: str, rconfig, retriever_dir: str,
-                  step: int | None = None) -> ChatSession:
-  """The model and retriever of two runs, ready to talk (refuses a retriever of other videos)."""
-  data = experiment.open_data(config, workdir)
-  model = experiment.build_model(config, data.tokenizer)
-  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
-  rstores, rtokenizer = experiment.store_dirs(rconfig.data, rconfig.frame_size, retriever_dir)
-  retriever = retriever_training.restore(
-      rconfig, retriever_dir, retriever_training.open_stores(rconfig, rstores, rtokenizer))
-  ours = topk_store.corpus_fingerprint(data.frame_store.index["videos"])
-  if topk_store.corpus_fingerprint(retriever.data.bank.videos) != ours:
-    raise topk_store.TopKMismatch(
-        f"the retriever in {retriever_dir} ranks other videos ({rstores}) than the model's "
-        f"frame store ({data.store_dir}); train it on the same stores (--config.data.stores)")
-  ranker = retriever.ranker(rconfig)
-  corpus = ranker.index(retriever.data.bank.videos)
-  encoder = data.encoder(config, training=False, model=model,
-                         layout=Layout.from_config(config, batch_size=1))
-  evaluator = Evaluator(model, encoder, data.tokenizer, config.generation, batch_size=1,
-                        mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
-  logging.info("chat: model step %d, retriever step %d over %d videos", step, retriever.step,
-               len(corpus.videos))
-  report = prepare.read_report(data.store_dir) or {}
-  return ChatSession(evaluator, ranker, corpus, video_root=report.get("video_root") or "",
-                     num_candidates=config.data.num_candidates,
-                     max_turns=config.data.max_turns)
 
 
 def main(argv: list[str]) -> None:
@@ -91,8 +57,8 @@ def main(argv: list[str]) -> None:
                _RETRIEVER_CONFIG.value)
   try:
     experiment.check_inputs(config)
-    session = build_session(config, _WORKDIR.value, _RETRIEVER_CONFIG.value, _RETRIEVER.value,
-                            _STEP.value)
+    session = experiment.chat_session(config, _WORKDIR.value, _RETRIEVER_CONFIG.value,
+                                      _RETRIEVER.value, _STEP.value)
   except (experiment.MissingInputsError, FileNotFoundError, ValueError) as e:
     print(e, file=sys.stderr)
     sys.exit(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -22,6 +22,11 @@ from ivcr_jax.data import feature_store, prepare, records, stores, topk_store, t
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
+from ivcr_jax.retriever import training as retriever_training
+from ivcr_jax.training import trainer
+
+if TYPE_CHECKING:
+  from ivcr_jax.evaluation.session import ChatSession
 
 # Where the official initial weights and the dataset come from (reference §6.3, §4).
 SOURCES = {
@@ -228,3 +233,36 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None =
         f"{':' + config.preset if config.preset != 'official' else ''} --out={path}")
   logging.info("restoring the initial weights from %s", path)
   return checkpoint_chain.load_init_checkpoint(path, make, mesh, config.mesh.rules)
+
+
+def chat_session(config: ml_collections.ConfigDict, workdir: str,
+                 rconfig: ml_collections.ConfigDict, retriever_dir: str, step: int | None = None
+                 ) -> ChatSession:
+  """The model and retriever of two runs, ready to talk (refuses a retriever of other videos)."""
+  # Imported here: the evaluator imports this module.
+  from ivcr_jax.evaluation.evaluator import Evaluator
+  from ivcr_jax.evaluation.session import ChatSession
+
+  data = open_data(config, workdir)
+  model = build_model(config, data.tokenizer)
+  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
+  rstores, rtokenizer = store_dirs(rconfig.data, rconfig.frame_size, retriever_dir)
+  retriever = retriever_training.restore(
+      rconfig, retriever_dir, retriever_training.open_stores(rconfig, rstores, rtokenizer))
+  ours = topk_store.corpus_fingerprint(data.frame_store.index["videos"])
+  if topk_store.corpus_fingerprint(retriever.data.bank.videos) != ours:
+    raise topk_store.TopKMismatch(
+        f"the retriever in {retriever_dir} ranks other videos ({rstores}) than the model's "
+        f"frame store ({data.store_dir}); train it on the same stores (--config.data.stores)")
+  ranker = retriever.ranker(rconfig)
+  corpus = ranker.index(retriever.data.bank.videos)
+  encoder = data.encoder(config, training=False, model=model,
+                         layout=Layout.from_config(config, batch_size=1))
+  evaluator = Evaluator(model, encoder, data.tokenizer, config.generation, batch_size=1,
+                        mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
+  logging.info("chat: model step %d, retriever step %d over %d videos", step, retriever.step,
+               len(corpus.videos))
+  report = prepare.read_report(data.store_dir) or {}
+  return ChatSession(evaluator, ranker, corpus, video_root=report.get("video_root") or "",
+                     num_candidates=config.data.num_candidates,
+                     max_turns=config.data.max_turns, durations=data.frame_store.durations)

@@ -1,13 +1,19 @@
 """`python -m ivcr_jax.chat`: the session logic with scripted answers, and the real command
-driven through a pseudo-terminal on a trained tiny run (model + retriever)."""
+driven through a pseudo-terminal on a trained tiny run (model + retriever); the web demo on the
+same run in headless Chromium."""
 
+import json
 import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -175,3 +181,54 @@ def test_chat_command_in_a_terminal(runs):
     assert term.proc.wait(timeout=60) == 0
   finally:
     term.close()
+
+
+def _chromium():
+  return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+               if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (.ci/run installs it)")
+def test_web_demo_in_a_headless_browser(runs, tmp_path):
+  root, flags = runs
+  log_path = tmp_path / "server.log"
+  with open(log_path, "w") as log:  # a file, not a pipe: nobody has to drain the server's logs
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ivcr_jax.web_demo", "--config=configs/interllava.py:tiny",
+         "--retriever_config=configs/retriever.py:tiny", *flags, "--port=0",
+         f"--workdir={root / 'm'}", f"--retriever={root / 'r'}"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=log,
+        stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while not (m := re.search(r"serving on (http://127\.0\.0\.1:\d+/)", log_path.read_text())):
+      assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+      time.sleep(1)
+    url = m.group(1)
+
+    def post(text):
+      req = urllib.request.Request(url + "api/message", json.dumps({"text": text}).encode())
+      with urllib.request.urlopen(req, timeout=300) as res:
+        return json.loads(res.read())
+
+    warm = post("Find the video where a red circle moves up.")  # compiles before the browser
+    assert warm["video"] == warm["candidates"][warm["chosen"] - 1] and len(warm["candidates"]) == 10
+    assert post("")["reply"].startswith("Please type a question")
+    assert "New topic" in post("/new")["reply"] and post("/candidates")["candidates"] == []
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+      urllib.request.urlopen(url + "video/..%2F..%2Fprep_report.json", timeout=30)
+    page = url + "?q=" + urllib.parse.quote("Find the video where a blue square moves left.")
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", "--window-size=1280,800", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True,
+                         timeout=180).stdout
+    chosen = re.search(r'<li class="chosen">(toy/v\d{4}\.mp4)</li>', dom)
+    assert chosen, dom[-2000:]
+    assert f'src="/video/{chosen.group(1)}"' in dom and '<div class="bot">' in dom
+    shot = os.path.join(os.environ.get("IVCR_TEST_ARTIFACTS", str(tmp_path)), "web_demo.png")
+    subprocess.run([*browser, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+    with open(shot, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  finally:
+    server.kill()
+    server.wait()

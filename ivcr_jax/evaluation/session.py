@@ -20,6 +20,7 @@ import dataclasses
 import os
 import re
 import time
+from collections.abc import Mapping
 
 from ivcr_jax.data import answers
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample, Turn
@@ -48,14 +49,18 @@ class Reply:
   text: str
   quit: bool = False
   seconds: float = 0.0  # model time of the turn (0: no model call)
+  span: tuple[float, float] | None = None  # the moment a moment turn's answer states
 
 
 class ChatSession:
   """One user's dialogue with the model (module docstring)."""
 
   def __init__(self, evaluator: Evaluator, ranker: Ranker, corpus: CorpusIndex, *,
-               video_root: str = "", num_candidates: int = 10, max_turns: int = 7):
+               video_root: str = "", num_candidates: int = 10, max_turns: int = 7,
+               durations: Mapping[str, float] | None = None):
+    """`durations`: seconds per video (shown by the web demo's timeline)."""
     self.evaluator, self.ranker, self.corpus = evaluator, ranker, corpus
+    self.durations = dict(durations or {})
     self.video_root, self.k, self.max_turns = video_root, num_candidates, max_turns
     self.new_topic()
     self._text_id = 0
@@ -113,7 +118,7 @@ class ChatSession:
 
   def _turn(self, kind: str, question: str) -> Reply:
     start = time.perf_counter()
-    notes = []
+    notes, span = [], None
     if kind == RETRIEVAL:
       found, _ = self.ranker.top_k([question], self.corpus, self.k)
       self.candidates, self.chosen = tuple(found[0]), None
@@ -141,7 +146,7 @@ class ChatSession:
       notes.append(f"[moment: {span[0]}s-{span[1]}s in video {self.chosen} ({video})]"
                    if span else "[the answer states no time span]")
     seconds = time.perf_counter() - start
-    return Reply("\n".join([text or "(empty answer)", *notes]), seconds=seconds)
+    return Reply("\n".join([text or "(empty answer)", *notes]), seconds=seconds, span=span)
 
 
 def _new_video_request(line: str) -> bool:
