@@ -154,7 +154,7 @@ def test_chat_command_in_a_terminal(runs):
   term = Terminal([sys.executable, "-m", "ivcr_jax.chat", "--config=configs/interllava.py:tiny",
                    "--retriever_config=configs/retriever.py:tiny", *flags,
                    f"--workdir={root / 'm'}", f"--retriever={root / 'r'}"],
-                  cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                  cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"})
   try:
     term.expect(r"you> ", timeout=300)
     term.send("")
@@ -167,9 +167,14 @@ def test_chat_command_in_a_terminal(runs):
     m = term.expect(r"\[chosen: video (\d+) = (toy/v\d{4}\.mp4) \((.+?)\)\]", timeout=300)
     assert 1 <= int(m.group(1)) <= 10 and os.path.isfile(m.group(3).strip())
     term.expect(r"\(\d+\.\d\d s\)\r?\n")
+    warm = term.pos  # the first turn compiled the model's programs; later turns reuse them
     term.send("红色圆形什么时候出现？")
     term.expect(r"\[(moment: [\d.]+s-[\d.]+s in video \d+ \(toy/v\d{4}\.mp4\)"
                 r"|the answer states no time span)\]", timeout=300)
+    term.send("Find another video where a blue square moves left.")
+    term.expect(r"\[chosen: video \d+ = toy/v\d{4}\.mp4")
+    term.expect(r"\(\d+\.\d\d s\)\r?\n")
+    assert "Compiling" not in term.out[warm:], term.out[warm:]
     term.send("/candidates")
     term.expect(r"\* video \d+: toy/v\d{4}\.mp4")
     term.send("/new")
