@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -18,10 +18,15 @@ from flax import nnx
 
 from ivcr_jax import multihost, sharding
 from ivcr_jax.convert import checkpoint_chain
-from ivcr_jax.data import feature_store, prepare, records, stores, toy_corpus
+from ivcr_jax.data import feature_store, prepare, records, stores, topk_store, toy_corpus
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
+from ivcr_jax.retriever import training as retriever_training
+from ivcr_jax.training import trainer
+
+if TYPE_CHECKING:
+  from ivcr_jax.evaluation.session import ChatSession
 
 # Where the official initial weights and the dataset come from (reference §6.3, §4).
 SOURCES = {
@@ -46,21 +51,44 @@ def uses_toy_corpus(config: ml_collections.ConfigDict) -> bool:
   return not config.data.annotations
 
 
+def _missing_data(d: ml_collections.ConfigDict) -> list[str]:
+  """What a real-data `data` section lacks: stores (or what builds them) and the tokenizer."""
+  missing = []
+  if not os.path.isdir(d.stores):
+    if not os.path.exists(d.annotations):
+      missing.append(f"  data.annotations = {d.annotations}\n      get: "
+                     f"{SOURCES['annotations']}")
+    if not os.path.isdir(d.video_root):
+      missing.append(f"  data.video_root = {d.video_root}\n      get: "
+                     f"{SOURCES['annotations']}")
+    missing.append(f"  data.stores = {d.stores}\n      build: python -m "
+                   f"data_prep.build_stores --annotations {d.annotations} --video_root "
+                   f"{d.video_root} --out {d.stores}")
+  if not d.tokenizer or not os.path.isdir(d.tokenizer):
+    missing.append(f"  data.tokenizer = {d.tokenizer!r} (the Llama-2 directory)")
+  return missing
+
+
+def _refuse(config: ml_collections.ConfigDict, missing: list[str], demo: str) -> None:
+  if missing:
+    raise MissingInputsError(
+        f"preset {config.preset!r} uses the real IVCR-200K data, and these are missing:\n"
+        + "\n".join(missing) + "\nPoint the config at local copies (e.g. "
+        f"--config.data.stores=/path), or try the self-contained demo: {demo}")
+
+
+def check_data_inputs(config: ml_collections.ConfigDict) -> None:
+  """`check_inputs` for configs that need only the data (the retriever's)."""
+  if not uses_toy_corpus(config):
+    _refuse(config, _missing_data(config.data), "python -m ivcr_jax.retriever.train "
+            "--config=configs/retriever.py:demo --workdir=/tmp/ivcr_retriever")
+
+
 def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Stops at once, before any work, when a real-data preset lacks its files."""
   if uses_toy_corpus(config):
     return
-  missing = []
-  if not os.path.isdir(config.data.stores):
-    if not os.path.exists(config.data.annotations):
-      missing.append(f"  data.annotations = {config.data.annotations}\n      get: "
-                     f"{SOURCES['annotations']}")
-    if not os.path.isdir(config.data.video_root):
-      missing.append(f"  data.video_root = {config.data.video_root}\n      get: "
-                     f"{SOURCES['annotations']}")
-    missing.append(f"  data.stores = {config.data.stores}\n      build: python -m "
-                   f"data_prep.build_stores --annotations {config.data.annotations} --video_root "
-                   f"{config.data.video_root} --out {config.data.stores}")
+  missing = _missing_data(config.data)
   w = config.weights
   if w.init_checkpoint and not os.path.exists(w.init_checkpoint):
     for name in ("eva_vit", "instructblip", "llama", "timechat", "videollama"):
@@ -70,14 +98,8 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     missing.append(f"  weights.init_checkpoint = {w.init_checkpoint}\n      build: python -m "
                    "ivcr_jax.import_weights --config=configs/interllava.py "
                    f"--out={w.init_checkpoint}")
-  if not config.data.tokenizer or not os.path.isdir(config.data.tokenizer):
-    missing.append(f"  data.tokenizer = {config.data.tokenizer!r} (the Llama-2 directory)")
-  if missing:
-    raise MissingInputsError(
-        f"preset {config.preset!r} trains on the real IVCR-200K data from the official initial "
-        "weights, and these are missing:\n" + "\n".join(missing) + "\nPoint the config at local "
-        "copies (e.g. --config.weights.llama=/path), or try the self-contained demo: python -m "
-        "ivcr_jax.train --config=configs/interllava.py:demo --workdir=/tmp/ivcr_demo")
+  _refuse(config, missing, "python -m ivcr_jax.train --config=configs/interllava.py:demo "
+          "--workdir=/tmp/ivcr_demo")
 
 
 @dataclasses.dataclass
@@ -89,10 +111,23 @@ class Data:
   frame_store: stores.FrameStore
   store_dir: str
   layout: Layout
+  # `data.candidates`: None keeps the annotation's lists; else the top-k cache that replaces them.
+  topk: topk_store.TopKStore | None = None
+  num_candidates: int = 10
 
   def dialogues(self, split: str) -> list[records.Dialogue]:
+    """The split's dialogues, on the top-k cache's candidate lists when one is configured
+    (official test filter: dropped turns are counted and logged)."""
     source = stores.DialogueStore(_store_path(self.store_dir, stores.DIALOGUE_STORE), split)
-    return [source[i] for i in range(len(source))]
+    dialogues = [source[i] for i in range(len(source))]
+    if self.topk is None:
+      return dialogues
+    applied = self.topk.with_candidates(
+        dialogues, split, topk_store.corpus_fingerprint(self.frame_store.index["videos"]),
+        self.num_candidates)
+    logging.info("%s candidates from the top-k cache %s: %s", split, self.topk.path,
+                 applied.summary())
+    return applied.dialogues
 
   def samples(self, split: str, mode: str) -> list[records.Sample]:
     return records.make_samples(self.dialogues(split), mode)
@@ -121,38 +156,48 @@ def _store_path(root: str, name: str) -> str:
   return path
 
 
+def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: str
+               ) -> tuple[str, str]:
+  """(store directory, tokenizer directory) of a `data` config section. Toy presets (empty
+  `annotations`): the toy corpus and its stores under `data.stores` or else `<workdir>/toy_data`,
+  (re)built when absent or built from other settings, with the toy tokenizer beside them."""
+  d = data_cfg
+  if d.annotations:
+    return d.stores, d.tokenizer
+  store_dir = d.stores or os.path.join(workdir, "toy_data")
+  # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
+  wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
+                                               size=d.toy_size,
+                                               retriever_noise=d.toy_retriever_noise),
+                frames=stores.FrameSettings(size=image_size, sampling="all",
+                                            resize=d.resize_mode),
+                options=records.RecordOptions.from_config(d))
+  tokenizer_dir = d.tokenizer or os.path.join(store_dir, "tokenizer")
+  if multihost.is_main():  # one writer; the other processes wait for it
+    built = prepare.read_report(store_dir)
+    if built is None or built.get("recipe") != prepare.recipe(annotations=None,
+                                                              video_root=None, **wanted):
+      logging.info("building the toy corpus and its stores in %s", store_dir)
+      prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
+    if not d.tokenizer:
+      tokenizer_lib.build_toy_tokenizer(tokenizer_dir)
+  multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
+  return store_dir, tokenizer_dir
+
+
 def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-  """Tokenizers and stores of `config`; the toy corpus and its stores are (re)built under
-  `<workdir>/toy_data` when absent or built from other settings."""
+  """Tokenizers and stores of `config` (`store_dirs`)."""
   d = config.data
-  if uses_toy_corpus(config):
-    store_dir = os.path.join(workdir, "toy_data")
-    # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
-    wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
-                                                 size=d.toy_size,
-                                                 retriever_noise=d.toy_retriever_noise),
-                  frames=stores.FrameSettings(size=config.model.vit.image_size, sampling="all",
-                                                resize=d.resize_mode),
-                  options=records.RecordOptions.from_config(d))
-    tokenizer_dir = d.tokenizer or os.path.join(store_dir, "tokenizer")
-    if multihost.is_main():  # one writer; the other processes wait for it
-      built = prepare.read_report(store_dir)
-      if built is None or built.get("recipe") != prepare.recipe(annotations=None,
-                                                                video_root=None, **wanted):
-        logging.info("building the toy corpus and its stores in %s", store_dir)
-        prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
-      if not d.tokenizer:
-        tokenizer_lib.build_toy_tokenizer(tokenizer_dir)
-    multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
-  else:
-    store_dir, tokenizer_dir = d.stores, d.tokenizer
+  store_dir, tokenizer_dir = store_dirs(d, config.model.vit.image_size, workdir)
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
   qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
                        if d.qformer_tokenizer else tokenizer)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
   # Each process assembles its share of the global batch (train.batch_size).
   layout = Layout.from_config(config, process_count=jax.process_count())
-  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, layout)
+  topk = None if d.candidates == "annotation" else topk_store.TopKStore(d.candidates)
+  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, layout, topk,
+              d.num_candidates)
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
@@ -188,3 +233,36 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None =
         f"{':' + config.preset if config.preset != 'official' else ''} --out={path}")
   logging.info("restoring the initial weights from %s", path)
   return checkpoint_chain.load_init_checkpoint(path, make, mesh, config.mesh.rules)
+
+
+def chat_session(config: ml_collections.ConfigDict, workdir: str,
+                 rconfig: ml_collections.ConfigDict, retriever_dir: str, step: int | None = None
+                 ) -> ChatSession:
+  """The model and retriever of two runs, ready to talk (refuses a retriever of other videos)."""
+  # Imported here: the evaluator imports this module.
+  from ivcr_jax.evaluation.evaluator import Evaluator
+  from ivcr_jax.evaluation.session import ChatSession
+
+  data = open_data(config, workdir)
+  model = build_model(config, data.tokenizer)
+  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
+  rstores, rtokenizer = store_dirs(rconfig.data, rconfig.frame_size, retriever_dir)
+  retriever = retriever_training.restore(
+      rconfig, retriever_dir, retriever_training.open_stores(rconfig, rstores, rtokenizer))
+  ours = topk_store.corpus_fingerprint(data.frame_store.index["videos"])
+  if topk_store.corpus_fingerprint(retriever.data.bank.videos) != ours:
+    raise topk_store.TopKMismatch(
+        f"the retriever in {retriever_dir} ranks other videos ({rstores}) than the model's "
+        f"frame store ({data.store_dir}); train it on the same stores (--config.data.stores)")
+  ranker = retriever.ranker(rconfig)
+  corpus = ranker.index(retriever.data.bank.videos)
+  encoder = data.encoder(config, training=False, model=model,
+                         layout=Layout.from_config(config, batch_size=1))
+  evaluator = Evaluator(model, encoder, data.tokenizer, config.generation, batch_size=1,
+                        mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
+  logging.info("chat: model step %d, retriever step %d over %d videos", step, retriever.step,
+               len(corpus.videos))
+  report = prepare.read_report(data.store_dir) or {}
+  return ChatSession(evaluator, ranker, corpus, video_root=report.get("video_root") or "",
+                     num_candidates=config.data.num_candidates,
+                     max_turns=config.data.max_turns, durations=data.frame_store.durations)

@@ -68,7 +68,15 @@ def test_config_flag_finds_the_packaged_configs_from_any_directory(tmp_path, mon
   cfg = _parsed_config(["prog", "--config=configs/interllava.py:tiny", "--config.seed=7"])
   assert cfg.preset == "tiny" and cfg.seed == 7
   assert _parsed_config(["prog"]).preset == "official"  # the default needs no repository root
-  assert configs.resolve("configs/interllava.py:demo") == f"{configs.DEFAULT}:demo"
+  packaged = os.path.join(configs.PACKAGE_DIR, "interllava.py")
+  assert configs.resolve("configs/interllava.py:demo") == f"{packaged}:demo"
+  assert configs.resolve("configs/retriever.py") == os.path.join(configs.PACKAGE_DIR,
+                                                                 "retriever.py")
+  fv = flags.FlagValues()
+  retriever = configs.define_config_flag("config", "config", flag_values=fv, sys_argv=["prog"],
+                                         default="retriever.py:tiny")
+  fv(["prog"])
+  assert retriever.value.preset == "tiny" and retriever.value.topk == 10  # the retriever's
   assert configs.resolve("elsewhere/interllava.py") == "elsewhere/interllava.py"  # not ours
   assert configs.resolve("configs/nothing.py") == "configs/nothing.py"
   with pytest.raises(IOError, match="nothing.py"):  # a missing file still fails, naming it

@@ -14,7 +14,6 @@ from absl import flags
 from ml_collections import config_flags
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT = os.path.join(PACKAGE_DIR, "interllava.py")
 
 
 def resolve(argument: str) -> str:
@@ -45,11 +44,13 @@ class _ResolvingParser(flags.ArgumentParser):
 
 def define_config_flag(name: str, help_string: str,
                        flag_values: flags.FlagValues = flags.FLAGS,
-                       sys_argv: list[str] | None = None) -> flags.FlagHolder:
+                       sys_argv: list[str] | None = None, *,
+                       default: str = "interllava.py") -> flags.FlagHolder:
   """`config_flags.DEFINE_config_file` (locked, with `--name.a.b=value` overrides read from
   `sys_argv`, default `sys.argv`) whose value is resolved by `resolve` and whose default is the
-  packaged `interllava.py`."""
-  holder = config_flags.DEFINE_config_file(name, DEFAULT, help_string, flag_values=flag_values,
-                                           lock_config=True, sys_argv=sys_argv)
+  packaged `default` (`file.py[:preset]`)."""
+  holder = config_flags.DEFINE_config_file(name, os.path.join(PACKAGE_DIR, default), help_string,
+                                           flag_values=flag_values, lock_config=True,
+                                           sys_argv=sys_argv)
   flag_values[name].parser = _ResolvingParser(flag_values[name].parser)
   return holder

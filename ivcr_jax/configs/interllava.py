@@ -94,10 +94,14 @@ def _data() -> ml_collections.ConfigDict:
   d.crop_scale = (0.5, 1.0)  # area fraction (official AlproVideoTrainProcessor)
   d.crop_ratio = (3 / 4, 4 / 3)  # aspect ratio (official: torchvision's default)
   d.num_candidates = 10
+  # Candidate lists of the turns: "annotation" (`candidate_videos`, the official X-Pool top-10)
+  # or the path of a top-k cache (python -m data_prep.build_topk_cache) of another retriever.
+  d.candidates = "annotation"
   # Records (ivcr_jax.data.records). "" annotations: the toy corpus (demo, tests).
   d.annotations = ""  # IVCR-200K annotation JSON
   d.video_root = ""  # the directory its video paths are relative to
-  d.stores = ""  # frame + dialogue stores (data_prep.build_stores); toy presets: <workdir>/toy_data
+  # Frame + dialogue stores (data_prep.build_stores); toy presets: "" means <workdir>/toy_data.
+  d.stores = ""
   # A feature store (data_prep.build_feature_store) of the model's own frozen ViT: training reads
   # post-ViT features instead of frames and skips the ViT. "": frames.
   d.features = ""

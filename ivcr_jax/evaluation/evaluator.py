@@ -105,12 +105,13 @@ class Evaluator:
     return {k: jax.device_put(v, sharding.data_sharding(self.mesh, self.rules, v.shape))
             for k, v in batch.items()}
 
-  def answer(self, samples: Sequence[Sample], desc: str = "turns") -> list[tuple[str, str]]:
+  def answer(self, samples: Sequence[Sample], desc: str = "turns", *, progress: bool = True
+             ) -> list[tuple[str, str]]:
     """(generated text, rendered prompt) for each sample's last turn."""
     start = time.perf_counter()
     out = []
     for i in tqdm(range(0, len(samples), self.batch_size), desc=desc, unit="batch",
-                  leave=False, disable=not multihost.is_main()):
+                  leave=False, disable=not (progress and multihost.is_main())):
       chunk = samples[i:i + self.batch_size]
       elements = [self.encoder(s, generation=True) for s in chunk]
       batch = assemble(elements + elements[-1:] * (self.batch_size - len(elements)),

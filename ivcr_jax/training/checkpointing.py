@@ -73,6 +73,12 @@ class Checkpointer:
         params=ocp.args.StandardRestore(abstract_params)))
     return restored["params"], step
 
+  def restore_meta(self, *, step: int | None = None) -> dict:
+    """The JSON meta of a checkpoint alone."""
+    restored = self._manager.restore(self._step(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
