@@ -31,7 +31,9 @@ setup(
     extras_require={
         # torch is pinned exactly: 2.13.0 resolves to a local CPU wheel, anything else pulls CUDA.
         # tensorboard: its own reader checks our event files (tests only; we write them ourselves).
+        # nbclient + ipykernel: the notebooks run in a real Jupyter kernel, top to bottom.
         "test": ["pytest", "torch==2.13.0", "peft==0.21.2", "nltk==3.10.4",
-                 "tensorboard==2.21.0"],
+                 "tensorboard==2.21.0", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "ipykernel==7.4.0"],
     },
 )
