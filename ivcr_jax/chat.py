@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 
 from ivcr_jax import configs, experiment
-from ivcr_jax.evaluation.session import run_repl
+from ivcr_jax.evaluation.session import ChatSession, run_repl
 
 _CONFIG = configs.define_config_flag(
     "config", "The trained run's config file[:preset] (and the same --config.a.b=value "
@@ -41,25 +41,31 @@ _RETRIEVER = flags.DEFINE_string("retriever", None, "The trained retriever's run
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
-def main(argv: list[str]) -> None:
+def open_session(argv: list[str]) -> ChatSession:
+  """The session of this command's flags (shared with `ivcr_jax.web_demo`), with both configs
+  logged; exits with the message when the run, the retriever or the data are missing."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value or not _RETRIEVER.value:
     raise app.UsageError("--workdir (the trained run) and --retriever (the retriever run) are "
                          "required")
-  for stream in (sys.stdin, sys.stdout):  # Chinese input and output whatever the locale
-    stream.reconfigure(encoding="utf-8", errors="replace")
   config = _CONFIG.value
   logging.info("config (%s):\n%s", config.preset, config)
   logging.info("retriever config (%s):\n%s", _RETRIEVER_CONFIG.value.preset,
                _RETRIEVER_CONFIG.value)
   try:
     experiment.check_inputs(config)
-    session = experiment.chat_session(config, _WORKDIR.value, _RETRIEVER_CONFIG.value,
-                                      _RETRIEVER.value, _STEP.value)
+    return experiment.chat_session(config, _WORKDIR.value, _RETRIEVER_CONFIG.value,
+                                   _RETRIEVER.value, _STEP.value)
   except (experiment.MissingInputsError, FileNotFoundError, ValueError) as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  for stream in (sys.stdin, sys.stdout):  # Chinese input and output whatever the locale
+    stream.reconfigure(encoding="utf-8", errors="replace")
+  session = open_session(argv)
   run_repl(session, read=input, write=lambda text: print(text, flush=True))
 
 

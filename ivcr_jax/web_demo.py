@@ -16,23 +16,17 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import sys
 import threading
 import urllib.parse
 
 from absl import app, flags, logging
 
-from ivcr_jax import configs, experiment
+from ivcr_jax import chat
 from ivcr_jax.data.records import PathChecker, RecordError
 from ivcr_jax.evaluation.session import ChatSession, help_text
 
-_CONFIG = configs.define_config_flag(
-    "config", "The trained run's config file[:preset] (and the same --config.a.b=value "
-    "overrides).")
-_RETRIEVER_CONFIG = configs.define_config_flag(
-    "retriever_config", "The retriever run's config[:preset].", default="retriever.py:demo")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The trained InterLLaVA run directory.")
-_RETRIEVER = flags.DEFINE_string("retriever", None, "The trained retriever's run directory.")
+# --config, --retriever_config, --workdir, --retriever and --step are the chat's (`chat.py`).
+flags.adopt_module_key_flags(chat)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.")
 
@@ -164,22 +158,7 @@ def make_handler(session: ChatSession):
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _RETRIEVER.value:
-    raise app.UsageError("--workdir (the trained run) and --retriever (the retriever run) are "
-                         "required")
-  config = _CONFIG.value
-  logging.info("config (%s):\n%s", config.preset, config)
-  logging.info("retriever config (%s):\n%s", _RETRIEVER_CONFIG.value.preset,
-               _RETRIEVER_CONFIG.value)
-  try:
-    experiment.check_inputs(config)
-    session = experiment.chat_session(config, _WORKDIR.value, _RETRIEVER_CONFIG.value,
-                                      _RETRIEVER.value)
-  except (experiment.MissingInputsError, FileNotFoundError, ValueError) as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
+  session = chat.open_session(argv)
   server = http.server.ThreadingHTTPServer((_HOST.value, _PORT.value), make_handler(session))
   print(f"serving on http://{_HOST.value}:{server.server_port}/ (Ctrl-C stops)\n{help_text()}",
         flush=True)

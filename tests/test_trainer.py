@@ -7,6 +7,7 @@ from flax import nnx
 
 from ivcr_jax.data.pipeline import Layout
 from ivcr_jax.models.interllava import InterLLaVA
+from ivcr_jax.training import step as step_lib
 from ivcr_jax.training import trainer
 from tests.test_train_step import DIGITS, synthetic_batch
 
@@ -96,7 +97,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     _train(cfg, tmp_path, kill_after=3)
   with cfg.unlocked():
     cfg.train.lr = 1e30  # diverges at once
-  with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint is step 3"):
+  with pytest.raises(step_lib.NonFiniteLossError, match="last good checkpoint is step 3"):
     _train(cfg, tmp_path)
   from ivcr_jax.training.checkpointing import Checkpointer
 

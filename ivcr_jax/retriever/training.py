@@ -44,7 +44,7 @@ from ivcr_jax.retriever.ranking import Ranker, rank_metrics
 from ivcr_jax.training import optimizer
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.event_file import EventFileWriter
-from ivcr_jax.training.trainer import NonFiniteLossError
+from ivcr_jax.training.step import NonFiniteLossError
 
 HISTORY_FILE = "train_history.json"
 

@@ -96,10 +96,9 @@ class Feed:
     # A table the batch shards do not divide would be replicated: every device would encode
     # every video. Empty padding videos are cheaper (each device encodes its share of them).
     videos = math.ceil(videos / self._rows_unit) * self._rows_unit
-    if (seq, videos) != (batch["input_ids"].shape[1], batch["num_frames"].shape[0]) \
-        or jax.process_index():
-      batch = pad_batch(batch, layout, seq_len=seq, videos=videos,
-                        first_video_row=jax.process_index() * videos)
+    first_row = jax.process_index() * videos  # this process's block of the global table
+    if (seq, videos) != (batch["input_ids"].shape[1], batch["num_frames"].shape[0]) or first_row:
+      batch = pad_batch(batch, layout, seq_len=seq, videos=videos, first_video_row=first_row)
     return place_batch(batch, self._mesh, self._rules)
 
 

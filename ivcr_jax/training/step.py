@@ -26,6 +26,11 @@ from ivcr_jax.training import losses
 PyTree = Any
 
 
+class NonFiniteLossError(FloatingPointError):
+  """Loss or gradients became NaN/inf (the step's `finite` metric is false); the last good
+  checkpoint is left untouched. Raised by the trainers that run a step."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   alpha: float

@@ -31,10 +31,6 @@ from ivcr_jax.training.feed import Feed
 HISTORY_FILE = "train_history.json"  # every logged row of the run, kept across resumes
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Loss or gradients became NaN/inf; the last good checkpoint is left untouched."""
-
-
 @dataclasses.dataclass
 class Result:
   step: int
@@ -132,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
         pending = []
         bad = [r for r in rows if not r["finite"]]
         if bad:
-          raise NonFiniteLossError(
+          raise step_lib.NonFiniteLossError(
               f"non-finite loss or gradient before step {step} (loss {bad[0]['loss']}, grad norm "
               f"{bad[0]['grad_norm']}); stopped without saving: the last good checkpoint is "
               f"step {ckpt.latest_step()} in {ckpt.directory}")
