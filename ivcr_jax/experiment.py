@@ -156,15 +156,22 @@ def _store_path(root: str, name: str) -> str:
   return path
 
 
+def toy_store_dir(workdir: str, toy_seed: int) -> str:
+  """`<workdir>/toy_data` for the default corpus (seed 0), `<workdir>/toy_data_seed<N>` for
+  another: evaluating a run on a corpus it has never seen builds that one beside the training
+  corpus instead of over it."""
+  return os.path.join(workdir, "toy_data" if toy_seed == 0 else f"toy_data_seed{toy_seed}")
+
+
 def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: str
                ) -> tuple[str, str]:
   """(store directory, tokenizer directory) of a `data` config section. Toy presets (empty
-  `annotations`): the toy corpus and its stores under `data.stores` or else `<workdir>/toy_data`,
+  `annotations`): the toy corpus and its stores under `data.stores` or else `toy_store_dir`,
   (re)built when absent or built from other settings, with the toy tokenizer beside them."""
   d = data_cfg
   if d.annotations:
     return d.stores, d.tokenizer
-  store_dir = d.stores or os.path.join(workdir, "toy_data")
+  store_dir = d.stores or toy_store_dir(workdir, d.toy_seed)
   # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
   wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
                                                size=d.toy_size,

@@ -149,3 +149,23 @@ def test_open_data_builds_toy_stores_once_per_recipe(tmp_path, tiny_config):
   with cfg.unlocked():
     cfg.data.toy_num_videos = 13
   assert len(experiment.open_data(cfg, str(tmp_path)).frame_store) == 13  # rebuilt
+
+
+def test_another_toy_seed_is_built_beside_the_training_corpus(tmp_path, tiny_config):
+  """Evaluating on an unseen toy corpus must not overwrite the one the run trained on."""
+  from ivcr_jax import experiment
+
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.data.toy_num_videos, cfg.data.toy_size = 12, 32
+  trained = experiment.open_data(cfg, str(tmp_path))
+  report = tmp_path / "toy_data" / prepare.REPORT_FILE
+  built = report.stat().st_mtime_ns
+  with cfg.unlocked():
+    cfg.data.toy_seed = 5
+  unseen = experiment.open_data(cfg, str(tmp_path))
+  assert unseen.store_dir == str(tmp_path / "toy_data_seed5")
+  assert report.stat().st_mtime_ns == built
+  video = "toy/v0000.mp4"  # same name, other content
+  assert not np.array_equal(unseen.frame_store[video].frames, trained.frame_store[video].frames)
+  assert unseen.tokenizer.get_vocab() == trained.tokenizer.get_vocab()

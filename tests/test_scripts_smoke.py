@@ -2,6 +2,8 @@
 on a real toy batch, plan_7b's abstract batch and compile match what the pipeline and the trainer
 use (at the tiny preset, dropout off to halve the compile times), and probe_binding trains."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,40 @@ def test_plan_7b_compiles_abstract_step(toy):
 def test_probe_binding_runs():
   accuracy = probe_binding.main(["--steps", "4", "--report_every", "2", "--batch", "2"])
   assert 0.0 <= accuracy <= 1.0
+
+
+def test_ablation_pairs_the_settings_and_aggregates_over_seeds(tmp_path, monkeypatch):
+  """The ablation's command lines, skipping of finished runs and its mean ± std table (the
+  training itself is the real command, tested elsewhere; here each run is faked by its metrics)."""
+  import json
+  import subprocess
+
+  from scripts import ablate_aux_losses
+
+  commands = []
+
+  def fake_run(cmd, **_):
+    commands.append(cmd)
+    workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    seed = int(next(a.split("=", 1)[1] for a in cmd if a.startswith("--config.seed=")))
+    official = "--config.train.alpha=0" in cmd
+    os.makedirs(os.path.join(workdir, "eval", "test"))
+    r1 = 0.2 + 0.1 * seed + (0.0 if official else 0.3)
+    with open(os.path.join(workdir, "eval", "test", "metrics.json"), "w") as f:
+      json.dump({"r@1": r1, "r@1_iou0.5": r1 / 2, "miou": r1 / 3, "retriever_r@1": 0.5}, f)
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(ablate_aux_losses.subprocess, "run", fake_run)
+  argv = ["--root", str(tmp_path), "--seeds", "0", "1", "2", "--", "--config.train.num_steps=3"]
+  results = ablate_aux_losses.main(argv)
+  assert len(commands) == 6
+  assert ["--config.train.alpha=0" in c for c in commands] == [True, False] * 3  # paired
+  assert all("--config.train.num_steps=3" in c and "--config.train.evaluate_after=True" in c
+             for c in commands)
+  official, aux = results.values()
+  assert [r["r@1"] for r in aux.values()] == pytest.approx([0.5, 0.6, 0.7])
+  report = (tmp_path / "ablation.md").read_text()
+  assert "| official (α = β = 0) | 3 | 0.300 ± 0.100 |" in report
+  assert "| aux losses (preset's α, β) | 3 | 0.600 ± 0.100 |" in report
+  ablate_aux_losses.main(argv)  # finished runs are not trained again
+  assert len(commands) == 6

@@ -100,7 +100,8 @@ def _data() -> ml_collections.ConfigDict:
   # Records (ivcr_jax.data.records). "" annotations: the toy corpus (demo, tests).
   d.annotations = ""  # IVCR-200K annotation JSON
   d.video_root = ""  # the directory its video paths are relative to
-  # Frame + dialogue stores (data_prep.build_stores); toy presets: "" means <workdir>/toy_data.
+  # Frame + dialogue stores (data_prep.build_stores); toy presets: "" means <workdir>/toy_data
+  # (toy_data_seed<N> for another toy_seed, so evaluating on a new corpus never overwrites it).
   d.stores = ""
   # A feature store (data_prep.build_feature_store) of the model's own frozen ViT: training reads
   # post-ViT features instead of frames and skips the ViT. "": frames.
