@@ -105,7 +105,7 @@ def test_logits_match_hf(pair, length):
 def test_inputs_embeds_and_hidden(pair):
   hf, _, model = pair
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, (2, 11)))
-  logits, hidden = model(ids, return_hidden=True)
+  logits, hidden = model(ids), model.hidden_states(ids)
   np.testing.assert_array_equal(model(inputs_embeds=model.embed(ids)), logits)
   with torch.no_grad():
     ref = hf.model(torch.as_tensor(np.array(ids))).last_hidden_state.numpy()

@@ -25,6 +25,50 @@ def test_lm_loss_matches_torch_cross_entropy():
   np.testing.assert_allclose(float(total / count), float(want), rtol=1e-6)
 
 
+def _full_logits_lm_loss(logits, labels):
+  """L_M as it was computed before chunking: one float32 log_softmax over `[B, S, vocab]`."""
+  targets = labels[:, 1:]
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  valid = targets != losses.IGNORE
+  picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(valid, picked, 0.0))
+
+
+@pytest.mark.parametrize("chunk", [3, 4, None])  # 3 does not divide the 13 positions
+def test_logits_only_where_needed_equal_the_full_logits_path(chunk):
+  """L_M chunk by chunk, and L_V/L_C from hidden states gathered at their positions, give the
+  loss and gradients (hidden states and head) of logits computed everywhere."""
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, VOCAB)), jnp.float32)
+  labels = rng.integers(0, VOCAB, (2, 13))
+  labels[:, :4] = losses.IGNORE
+  labels[0, 9:] = losses.IGNORE
+  labels = jnp.asarray(labels)
+  index = (jnp.array([[5], [7]]), jnp.array([[1], [10]]), jnp.ones((2, 1), bool))
+  span = (jnp.array([[[[8, 9], [10, 11]]]] * 2), jnp.array([[[[1.0, 0.1], [1.0, 0.1]]]] * 2))
+
+  def total(hidden, kernel, gathered):
+    head = lambda h: h @ kernel
+    if gathered:
+      lm, _ = losses.lm_loss(hidden, labels, head, chunk)
+      kw = dict(head=head)
+    else:
+      hidden = head(hidden)
+      lm, kw = _full_logits_lm_loss(hidden, labels), {}
+    lv, _ = losses.index_loss(hidden, *index[:2], DIGITS, index[2], **kw)
+    soft = losses.soft_numbers(hidden, *span, DIGITS, **kw)
+    lc = losses.span_loss(soft, jnp.array([[[3.0, 6.0]]] * 2), "giou").sum()
+    return lm + lv + lc
+
+  want, want_grads = jax.value_and_grad(total, argnums=(0, 1))(hidden, kernel, False)
+  got, grads = jax.jit(jax.value_and_grad(total, argnums=(0, 1)), static_argnums=2)(
+      hidden, kernel, True)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for g, w in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
 def test_index_distribution_is_the_restricted_chain_and_sums_to_one():
   logits = jax.random.normal(jax.random.key(0), (1, 6, VOCAB)) * 2
   pos = jnp.array([[3]])  # first index digit at position 3: predicted by logits[2]

@@ -1,7 +1,10 @@
 """The jitted train step: sharded equals single-device, optimizer state and activations sharded,
 differentiable aux terms, official mode."""
 
+import math
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -201,3 +204,29 @@ def test_zero_weights_give_the_official_lm_only_loss(tiny_config, alpha, beta):
   _, metrics = fn(state, frozen, batch, jax.random.key(0))
   assert "loss_index" not in metrics and "loss_span" not in metrics
   assert float(metrics["loss"]) == float(metrics["loss_lm"])
+
+
+def _avals(jaxpr):
+  """Every intermediate value's abstract value in `jaxpr` and its sub-jaxprs (scan, remat, ...)."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _avals(sub)
+
+
+def test_the_step_never_builds_logits_for_every_position(tiny_config):
+  """Logits exist `train.lm_loss_chunk` positions at a time (forward and backward), never as
+  `[B, S, vocab]`."""
+  cfg = tiny_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.train.lm_loss_chunk = 32
+  model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
+  batch = synthetic_batch(cfg, model)  # 4 sequences of 96 positions
+  split = step_lib.Split.of(model, cfg.model.trainable)
+  loss_cfg = step_lib.LossConfig.from_config(cfg.train, DIGITS)
+  loss = lambda p: step_lib.loss_and_metrics(split.merge(p, split.frozen), batch, loss_cfg,
+                                             None)[0]
+  vocab = cfg.model.llm.vocab_size
+  widest = max(math.prod(a.shape[:-1]) for a in _avals(jax.make_jaxpr(jax.grad(loss))(
+      split.params).jaxpr) if getattr(a, "shape", ()) and a.shape[-1] == vocab)
+  assert widest == 4 * 32  # one chunk of the 4 x 96 positions

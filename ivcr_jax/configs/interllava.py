@@ -149,6 +149,9 @@ def _train() -> ml_collections.ConfigDict:
   t.alpha = 0.01  # weight of L_V (video-index cross-entropy); 0 with beta=0: official dynamics
   t.beta = 0.01  # weight of L_C (1 - IoU of the moment span)
   t.span_loss = "giou"  # "iou" | "giou" | "diou" (giou/diou keep a gradient on disjoint spans)
+  # L_M's logits exist for this many positions at a time (recomputed in the backward pass),
+  # never as one [B, S, vocab] float32 array; 0: all positions at once.
+  t.lm_loss_chunk = 512
   t.log_every = 50
   t.eval_every = 5000  # validation loss every N micro-steps (0: never)
   t.checkpoint_every = 5000

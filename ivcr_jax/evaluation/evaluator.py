@@ -68,8 +68,9 @@ def _kind(turn) -> str:
 @functools.partial(jax.jit, static_argnums=0)
 def _index_log_probs(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, digits: jax.Array
                      ) -> jax.Array:
-  logits = nnx.merge(graphdef, state)(batch)
-  return losses.index_log_probs(logits, batch["index_pos"], digits)[:, 0]
+  model = nnx.merge(graphdef, state)
+  return losses.index_log_probs(model.hidden_states(batch), batch["index_pos"], digits,
+                                model.llm.logits)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -55,10 +55,15 @@ class InterLLaVA(nnx.Module):
     videos = self.video_embeddings(batch, dropout_key)
     return splice(self.llm.embed(batch["input_ids"]), videos, batch["video_slot"])
 
-  def __call__(self, batch: dict, *, dropout_key: jax.Array | None = None,
-               return_hidden: bool = False):
+  def __call__(self, batch: dict, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """Logits `[B, S, vocab]` for a training/scoring batch (see `ivcr_jax.data` for its keys)."""
+    return self.llm.logits(self.hidden_states(batch, dropout_key=dropout_key))
+
+  def hidden_states(self, batch: dict, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """The LLM's final-norm hidden states `[B, S, hidden]`; `llm.logits` turns any of them into
+    logits (the losses read them only where they are supervised)."""
     embeds = self.input_embeddings(batch, layers.sub_key(dropout_key, 0))
-    return self.llm(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                    dropout_key=layers.sub_key(dropout_key, 1), return_hidden=return_hidden)
+    return self.llm.hidden_states(
+        inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+        dropout_key=layers.sub_key(dropout_key, 1))

@@ -306,13 +306,23 @@ class Llama(nnx.Module):
     return jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    return self.lm_head(hidden)
+    """`lm_head` on hidden states `[..., hidden]` (vocabulary axis sharded by the rules)."""
+    return sharding.constrain(self.lm_head(hidden), ("batch",) + (None,) * (hidden.ndim - 2)
+                              + ("vocab",))
 
-  def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None,
-               return_hidden: bool = False):
-    """Full-sequence forward (training, scoring).
+  def __call__(self, input_ids: jax.Array | None = None, **kwargs) -> jax.Array:
+    """Logits `[B, L, vocab]`; the arguments are those of `hidden_states`."""
+    return self.logits(self.hidden_states(input_ids, **kwargs))
+
+  def hidden_states(self, input_ids: jax.Array | None = None, *,
+                    inputs_embeds: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None,
+                    position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    dropout_key: jax.Array | None = None) -> jax.Array:
+    """Full-sequence forward (training, scoring) up to the final norm, `[B, L, hidden]`.
+
+    Training reads logits from these only where it needs them (`ivcr_jax.training.losses`):
+    a `[B, L, vocab]` float32 array is 1-2 GB per sample at 4096 positions.
 
     Args:
       input_ids: `[B, L]` int, or None when `inputs_embeds` `[B, L, hidden]` is given.
@@ -321,7 +331,6 @@ class Llama(nnx.Module):
         left-padded row identical to the unpadded one, or per-segment positions when packed).
       segment_ids: `[B, L]` packed-sequence ids; tokens attend within their segment only.
       dropout_key: PRNG key for LoRA dropout in training, None otherwise.
-      return_hidden: also return the final-norm hidden states `[B, L, hidden]`.
     """
     x = sharding.constrain(self._inputs(input_ids, inputs_embeds), ("batch",))
     b, length = x.shape[:2]
@@ -335,9 +344,7 @@ class Llama(nnx.Module):
         x, lambda blk, h, key: sharding.constrain(
             blk(h, cos, sin, mask, dropout_key=key)[0], ("batch",)),
         dropout_key=dropout_key, remat=self.cfg.remat)
-    hidden = self.norm(x)
-    logits = sharding.constrain(self.logits(hidden), ("batch", None, "vocab"))
-    return (logits, hidden) if return_hidden else logits
+    return self.norm(x)
 
   def decode(self, inputs_embeds: jax.Array, *, position_ids: jax.Array,
              attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

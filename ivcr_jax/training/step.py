@@ -37,11 +37,12 @@ class LossConfig:
   beta: float
   span_loss: str
   digit_ids: tuple[int, ...]  # token ids of "0".."9"
+  lm_chunk: int | None = None  # positions whose logits exist at a time in L_M (None: all)
 
   @classmethod
   def from_config(cls, train: ml_collections.ConfigDict, digit_ids) -> LossConfig:
     return cls(float(train.alpha), float(train.beta), str(train.span_loss),
-               tuple(int(i) for i in digit_ids))
+               tuple(int(i) for i in digit_ids), int(train.lm_loss_chunk) or None)
 
 
 def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
@@ -49,10 +50,12 @@ def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
   """L = L_M + alpha * L_V + beta * L_C (each a mean over its items), with each term logged.
 
   With alpha = beta = 0 the aux losses are not computed (official dynamics); the diagnostics
-  `index_acc` and `span_iou` are logged either way and carry no gradient.
+  `index_acc` and `span_iou` are logged either way and carry no gradient. Logits are read from
+  the final hidden states only where a term needs them (`losses`).
   """
-  logits = model(batch, dropout_key=dropout_key)
-  lm_sum, lm_count = losses.lm_loss(logits, batch["labels"])
+  hidden = model.hidden_states(batch, dropout_key=dropout_key)
+  head = model.llm.logits
+  lm_sum, lm_count = losses.lm_loss(hidden, batch["labels"], head, cfg.lm_chunk)
   lm = lm_sum / jnp.maximum(lm_count, 1)
   metrics = {"loss_lm": lm, "tokens": lm_count}
   total = lm
@@ -60,18 +63,19 @@ def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
   if "index_pos" in batch:
     valid = batch["index_valid"]
     count = jnp.sum(valid)
-    correct = losses.index_correct(logits, batch["index_pos"], batch["index_target"], digits)
+    correct = losses.index_correct(hidden, batch["index_pos"], batch["index_target"], digits,
+                                   head)
     metrics.update(index_acc=jnp.sum(correct & valid) / jnp.maximum(count, 1), index_items=count)
     if cfg.alpha:
-      v_sum, _ = losses.index_loss(logits, batch["index_pos"], batch["index_target"], digits,
-                                   valid)
+      v_sum, _ = losses.index_loss(hidden, batch["index_pos"], batch["index_target"], digits,
+                                   valid, head)
       lv = v_sum / jnp.maximum(count, 1)
       total = total + cfg.alpha * lv
       metrics["loss_index"] = lv
   if "span_pos" in batch:
     valid = batch["span_valid"]
     count = jnp.sum(valid)
-    soft = losses.soft_numbers(logits, batch["span_pos"], batch["span_place"], digits)
+    soft = losses.soft_numbers(hidden, batch["span_pos"], batch["span_place"], digits, head)
 
     def mean(x):
       return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(count, 1)
