@@ -148,3 +148,19 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if all(s is None for s in spec):
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def local(fn: Callable, args: Sequence[jax.Array], in_axes: Sequence[Sequence[str | None]],
+          out_axes: Sequence[str | None]) -> jax.Array:
+  """`fn(*args)` run per device on its shards (`jax.shard_map`) under `activation_sharding`,
+  each argument split by its logical `in_axes` (missing trailing axes: None), the result by
+  `out_axes`; a plain call otherwise. For kernels the partitioner cannot split (Pallas calls)."""
+  context = _ACTIVATIONS.get()
+  if context is None or context[0].size == 1:
+    return fn(*args)
+  mesh, rules = context
+  spec = lambda axes, x: logical_to_spec(tuple(axes) + (None,) * (x.ndim - len(axes)), x.shape,
+                                         mesh, rules)
+  out = jax.eval_shape(fn, *args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a, x) for a, x in zip(
+      in_axes, args, strict=True)), out_specs=spec(out_axes, out), check_vma=False)(*args)

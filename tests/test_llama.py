@@ -1,4 +1,5 @@
-"""LLaMA + LoRA parity with `transformers` `LlamaForCausalLM` and `peft` (float32, CPU)."""
+"""LLaMA + LoRA parity with `transformers` `LlamaForCausalLM` and `peft` (float32, CPU), and the
+attention implementations every stack shares."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,10 @@ import torch
 from flax import nnx
 
 from configs.interllava import get_config
+from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
 from ivcr_jax.convert.sources import DictSource
-from ivcr_jax.models import llama, trainable
+from ivcr_jax.models import layers, llama, trainable
 
 CONFIGS = {
     # MHA with linear RoPE scaling; GQA with a head_dim that is not hidden / heads.
@@ -139,19 +141,108 @@ def test_unrolled_layers_and_remat_match_scan():
   assert np.isfinite(np.asarray(grad.layers.mlp.up_proj.kernel[...])).all()
 
 
-def test_fused_attention_layout_matches_plain():
-  """The `cudnn` path's call of `jax.nn.dot_product_attention`, run with the XLA backend."""
+def _reference_attention(q, k, v, visible):
+  """Plain attention with a dense `[B, Lq, S]` mask and kv heads repeated (HF `repeat_kv`)."""
+  rep = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(visible[:, None], logits, -1e30)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+def _attention_case(kind):
+  """(q, k, v, mask, dense visibility, rows to compare) for one way of masking. Rows without a
+  visible key (padding) are only required to be finite: their outputs are never read."""
   rng = np.random.default_rng(4)
-  q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
-  k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(2))
-  mask = llama.make_mask(jnp.arange(6), jnp.asarray([[1] * 6, [0, 0] + [1] * 4], bool))
-  plain = llama.dot_product_attention(q, k, v, mask)
-  fused = llama.fused_attention(q, k, v, mask, implementation="xla")
-  np.testing.assert_allclose(fused[0], plain[0], atol=1e-5)
-  np.testing.assert_allclose(fused[1, 2:], plain[1, 2:], atol=1e-5)
-  assert np.isfinite(np.asarray(fused)).all()  # padding queries see no key: still finite
-  with pytest.raises(ValueError, match="not available"):
-    llama.dot_product_attention(q, k, v, mask, impl="splash")
+  b, heads, kv, d = 2, 4, 2, 8
+  lq = s = 12
+  if kind == "cross":  # a Q-Former: 5 queries over 9 keys, padding keys masked, a row without
+    b, lq, s, kv = 3, 5, 9, heads  # any valid key (an empty window: sees every key)
+  q = jnp.asarray(rng.normal(size=(b, lq, heads, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, s, kv, d)), jnp.float32) for _ in range(2))
+  causal = np.tril(np.ones((lq, s), bool))[None]
+  if kind == "causal_lengths":  # right-padded training rows
+    lengths = np.array([12, 7])
+    valid = np.arange(s)[None] < lengths[:, None]
+    mask = layers.Mask(causal=True, key_valid=jnp.asarray(valid), key_lengths=jnp.asarray(lengths))
+    return q, k, v, mask, causal & valid[:, None], valid
+  if kind == "segments":  # two packed sequences per row, then padding
+    seg = np.array([[0] * 5 + [1] * 7, [0] * 8 + [1] * 2 + [2] * 2])
+    valid = np.array([[True] * 12, [True] * 10 + [False] * 2])
+    mask = layers.Mask(causal=True, key_valid=jnp.asarray(valid), segment_ids=jnp.asarray(seg))
+    return q, k, v, mask, causal & valid[:, None] & (seg[:, :, None] == seg[:, None]), valid
+  valid = np.array([[True] * 9, [True] * 4 + [False] * 5, [False] * 9])
+  return (q, k, v, layers.Mask(key_valid=jnp.asarray(valid)), np.repeat(valid[:, None], lq, 1),
+          np.repeat(valid.any(-1, keepdims=True), lq, 1))
+
+
+@pytest.mark.parametrize("kind", ["causal_lengths", "segments", "cross"])
+def test_attention_implementations_equal_the_reference(kind):
+  """Every implementation of `layers.attention` on the masks the stacks use, forward and
+  gradients on the real query rows: `xla`; the cuDNN path's arguments to
+  `jax.nn.dot_product_attention` (is_causal, sequence lengths or a dense mask), run by its XLA
+  backend on CPU; and the splash kernel in Pallas interpret mode, also under a 2-device mesh
+  (per-device `shard_map`)."""
+  q, k, v, mask, visible, rows = _attention_case(kind)
+  want = _reference_attention(*map(np.asarray, (q, k, v)), visible)
+  cotangent = jnp.asarray(np.random.default_rng(5).normal(size=q.shape) * rows[..., None, None],
+                          jnp.float32)
+  runs = {"xla": lambda *a: layers.attention(*a, mask),
+          "cudnn_arguments": lambda *a: layers.fused_attention(*a, mask, implementation="xla"),
+          "tpu_splash": lambda *a: layers.attention(*a, mask, impl="tpu_splash")}
+  grads = {}
+  for name, fn in runs.items():
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5, err_msg=name)
+    assert np.isfinite(np.asarray(out)).all(), name  # padding rows too
+    grads[name] = vjp(cotangent)
+  for name, g in grads.items():
+    for a, b in zip(g, grads["xla"], strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=name)
+  if kind == "causal_lengths":
+    mesh_cfg = get_config("tiny").mesh.copy_and_resolve_references()
+    mesh_cfg.shape = (1, 2, 1)
+    sharded = jax.jit(lambda *a: layers.attention(*a, mask, impl="tpu_splash"))  # a new trace
+    with sharding.activation_sharding(sharding.make_mesh(mesh_cfg), mesh_cfg.rules):
+      hlo = sharded.lower(q, k, v).as_text()
+      out = sharded(q, k, v)
+    assert "shard_map" in hlo or "sdy.manual_computation" in hlo
+    np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5)
+
+
+def test_attention_implementation_choice():
+  """`auto` per backend; dropout and KV-cache decoding on xla; cuDNN refuses float32."""
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  pick = layers.resolve_attention
+  assert [pick("auto", bf16, backend=b) for b in ("tpu", "gpu", "cpu")] == [
+      "tpu_splash", "cudnn", "xla"]
+  assert pick("auto", f32, backend="gpu") == "xla"
+  assert pick("cudnn", bf16, dropout=True, backend="gpu") == "xla"
+  assert pick("tpu_splash", bf16, decoding=True, backend="tpu") == "xla"
+  assert pick("tpu_splash", f32, backend="cpu") == "tpu_splash"  # interpret mode
+  with pytest.raises(ValueError, match="bfloat16/float16"):
+    pick("cudnn", f32, backend="gpu")
+  with pytest.raises(ValueError, match="choose one of"):
+    pick("splash", bf16)
+
+
+def test_xla_attention_keeps_no_mask_per_head():
+  """Over a scanned 2-layer stack, forward and backward, the xla path stores no boolean
+  query-by-key array: the mask is an additive bias built from iotas and per-key vectors (a
+  `jnp.where` on the logits kept its per-head predicate for the gradient)."""
+  q, k, v, mask, _, _ = _attention_case("segments")
+
+  def stack(q, k, v, valid, seg):
+    m = mask._replace(key_valid=valid, segment_ids=seg)
+    out, _ = jax.lax.scan(lambda x, _: (layers.attention(x, k, v, m), None), q, None, length=2)
+    return out.sum()
+
+  args = (q, k, v, mask.key_valid, mask.segment_ids)
+  hlo = jax.jit(jax.grad(stack)).lower(*args).compile().as_text().split("ENTRY")[1]
+  stored = [line for line in hlo.splitlines() if "= pred[" in line.split("{")[0]
+            and line.split("{")[0].count(",") >= 2]
+  assert not stored, stored
 
 
 def peft_pair(targets=("q_proj", "k_proj", "v_proj", "o_proj")):

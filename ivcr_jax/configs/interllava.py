@@ -43,6 +43,10 @@ def _model() -> ml_collections.ConfigDict:
   # Parts ("vision", "llm") whose dense kernels are drawn with std 1/sqrt(fan_in) instead of the
   # official modules' 0.02; only matters when training from scratch (see layers.fan_in_init).
   m.fan_in_init = ()
+  # Attention of every stack (layers.attention): "xla" (portable) | "cudnn" (fused GPU kernel,
+  # bf16/fp16) | "tpu_splash" (Pallas splash kernel) | "auto" (per backend: TPU splash, GPU
+  # cuDNN for bf16/fp16, else xla). Dropout (Q-Former training) and decoding always run on xla.
+  m.attention_impl = "auto"
 
   m.vit = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
@@ -67,7 +71,6 @@ def _model() -> ml_collections.ConfigDict:
       vocab_size=32005,  # Llama-2's 32000 + <VID> </VID> <VIDEO> </VIDEO> <VIDEOTOKEN>
       hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
       rms_eps=1e-5, rope_theta=10000.0, rope_scaling_factor=1.0, max_position=4096,
-      attention_impl="xla",  # "xla" (portable) | "cudnn" | "tpu_splash" where available
       remat=True, scan_layers=True))
   m.lora = ml_collections.ConfigDict(dict(
       rank=32, alpha=32.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj")))

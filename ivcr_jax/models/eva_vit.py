@@ -31,12 +31,14 @@ def clip_normalize(frames: jax.Array, dtype=jnp.float32) -> jax.Array:
 class VitBlock(nnx.Module):
   """x += attn(norm1(x)); x += mlp(norm2(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, attention_impl: str, dtype, param_dtype,
+               rngs: nnx.Rngs):
     width, heads = cfg.width, cfg.heads
     head_dim = width // heads
     norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.heads = heads
+    self.attention_impl = attention_impl
     self.norm1 = layers.layer_norm(width, cfg.ln_eps, **norm)
     # One fused projection: [embed, (q,k,v), heads, head_dim]. The k slice of `qkv_bias` is zero in
     # every checkpoint and has no effect on attention (softmax is invariant to q.b_k).
@@ -51,7 +53,8 @@ class VitBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     qkv = self.qkv(self.norm1(x)) + self.qkv_bias[...].astype(x.dtype)
-    x = x + self.proj(layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]))
+    x = x + self.proj(layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       impl=self.attention_impl))
     return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
 
 
@@ -59,7 +62,7 @@ class EvaViT(nnx.Module):
   """Images `[N, H, W, 3]` (CLIP-normalised) -> `ln_vision(ViT(x))` `[N, 1 + (H/p)^2, width]`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     width, patch = cfg.width, cfg.patch_size
@@ -71,7 +74,8 @@ class EvaViT(nnx.Module):
     self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1 + grid * grid, width),
                                   (None, None, "embed"), param_dtype)
     self.blocks = layers.stacked(
-        cfg.depth, lambda r: VitBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+        cfg.depth, lambda r: VitBlock(cfg, attention_impl=attention_impl, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=r), rngs)
     # ln_vision: statistics and output in float32 (LAVIS `Blip2Base.LayerNorm`), eps 1e-5.
     self.ln_vision = layers.layer_norm(width, cfg.ln_vision_eps, dtype=jnp.float32,
                                        param_dtype=param_dtype, rngs=rngs)

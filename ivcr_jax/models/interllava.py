@@ -63,7 +63,10 @@ class InterLLaVA(nnx.Module):
     """The LLM's final-norm hidden states `[B, S, hidden]`; `llm.logits` turns any of them into
     logits (the losses read them only where they are supervised)."""
     embeds = self.input_embeddings(batch, layers.sub_key(dropout_key, 0))
+    mask = batch.get("attention_mask")
+    # Batches are right-padded (`pipeline.assemble`): fused attention skips the padding.
+    lengths = None if mask is None else jnp.sum(mask, axis=-1, dtype=jnp.int32)
     return self.llm.hidden_states(
-        inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"),
+        segment_ids=batch.get("segment_ids"), lengths=lengths,
         dropout_key=layers.sub_key(dropout_key, 1))

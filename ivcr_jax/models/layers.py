@@ -1,5 +1,5 @@
 """Building blocks shared by every model: parameters with logical axes, dense layers, norms,
-attention and dropout.
+attention (one function and mask for every stack) and dropout.
 
 Conventions used across `ivcr_jax.models`:
 - Every parameter carries its logical axis names in the `out_sharding` metadata (eager sharding
@@ -11,12 +11,16 @@ Conventions used across `ivcr_jax.models`:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ivcr_jax import sharding
 
 Axes = tuple[str | None, ...]
 DType = jnp.dtype | str
@@ -111,26 +115,190 @@ def embed(num: int, features: int, axes: Axes, *, param_dtype: DType, rngs: nnx.
                    embedding_init=with_axes(nnx.initializers.normal(init_std), axes), rngs=rngs)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: jax.Array | None = None,
-              bias: jax.Array | None = None, dropout_rate: float = 0.0,
+ATTENTION_IMPLS = ("xla", "cudnn", "tpu_splash", "auto")
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit: exp underflows to 0, no inf
+
+
+class Mask(NamedTuple):
+  """Which keys each query sees, in a form every attention implementation can use without a
+  dense `[B, Lq, S]` array. A query with no visible key (a padding row) sees every key, so that
+  no implementation returns NaN there.
+
+  causal: query `i` sees keys at slots `<= q_offset + i` (self-attention over slots).
+  q_offset: the slot of the first query (KV-cache decoding); a traced value runs on `xla`.
+  key_valid: `[B, S]` False for padding keys.
+  key_lengths: `[B]`, a promise that `key_valid` is a prefix of this length (right padding),
+    which lets fused kernels skip the padding (cuDNN sequence lengths).
+  segment_ids: `[B, S]` packed-sequence ids; queries share the key slots and see their segment.
+  """
+
+  causal: bool = False
+  q_offset: jax.Array | int = 0
+  key_valid: jax.Array | None = None
+  key_lengths: jax.Array | None = None
+  segment_ids: jax.Array | None = None
+
+  def visible(self, lq: int, s: int) -> jax.Array | None:
+    """Booleans broadcastable to `[B, 1, 1, Lq, S]` (None: every key), built from iotas and
+    per-key vectors, so XLA fuses them into their consumer instead of storing a mask."""
+    out = None
+    add = lambda m: m if out is None else out & m
+    if self.causal:
+      q_slot = self.q_offset + jnp.arange(lq)
+      out = add((jnp.arange(s)[None, :] <= q_slot[:, None])[None, None, None])
+    if self.key_valid is not None:
+      out = add(self.key_valid.astype(bool)[:, None, None, None, :])
+    if self.segment_ids is not None:
+      seg = self.segment_ids
+      out = add((seg[:, :, None] == seg[:, None, :])[:, None, None])
+    return out
+
+
+def resolve_attention(impl: str, dtype: DType, *, dropout: bool = False, decoding: bool = False,
+                      backend: str | None = None) -> str:
+  """The implementation that runs: `auto` picks per backend (TPU: `tpu_splash`; GPU: `cudnn`
+  for bf16/fp16; otherwise `xla`). No fused kernel has attention-probability dropout or a
+  traced query offset, so those calls (Q-Former training, KV-cache decoding) run on `xla`."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if impl == "auto":
+    impl = {"tpu": "tpu_splash", "gpu": "cudnn" if half else "xla"}.get(backend, "xla")
+  if dropout or decoding:
+    return "xla"
+  if impl == "cudnn" and not half:
+    raise ValueError(f"attention_impl 'cudnn' needs bfloat16/float16 compute, got {dtype} "
+                     "(model.dtype; or attention_impl 'auto'/'xla')")
+  return impl
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None = None, *,
+              impl: str = "xla", dropout_rate: float = 0.0,
               dropout_key: jax.Array | None = None) -> jax.Array:
-  """Softmax attention, portable across CPU/GPU/TPU.
+  """Softmax attention for every stack (ViT, Q-Formers, LLaMA), one of `ATTENTION_IMPLS`.
 
   Args:
-    q: `[B, Lq, H, Dh]`; k, v: `[B, Lk, H, Dh]`.
-    key_mask: `[B, Lk]` booleans, False for keys no query may attend (padding).
-    bias: optional additive logits broadcastable to `[B, H, Lq, Lk]`.
-  Logits and softmax are computed in float32; attention-probability dropout as in BERT.
+    q: `[B, Lq, H, Dh]`; k, v: `[B, S, KV, Dh]` with `H % KV == 0` (query head `h` reads kv
+      head `h // (H / KV)`, as HF `repeat_kv`).
+    mask: which keys each query sees (`Mask`; None: every key).
+    impl: `xla` (portable: float32 logits and softmax), `cudnn` (`jax.nn.dot_product_attention`'s
+      fused GPU kernel, sequence lengths and `is_causal` when the mask allows), `tpu_splash` (the
+      Pallas splash kernel JAX ships; Pallas interpret mode off TPU, for tests), `auto`
+      (`resolve_attention`).
+    dropout_rate, dropout_key: attention-probability dropout as in BERT (training).
   """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias
-  if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = dropout(probs, dropout_rate, dropout_key)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  mask = Mask() if mask is None else mask
+  drops = dropout_key is not None and dropout_rate > 0.0
+  impl = resolve_attention(impl, q.dtype, dropout=drops,
+                           decoding=not isinstance(mask.q_offset, int))
+  if impl == "cudnn":
+    return fused_attention(q, k, v, mask, implementation="cudnn")
+  if impl == "tpu_splash":
+    return splash_attention(q, k, v, mask)
+  b, lq, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, lq, kv, h // kv, d)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  visible = mask.visible(lq, k.shape[1])
+  if visible is not None:
+    # An additive bias, not a select: the backward pass needs no mask, so none is stored per
+    # head (a select keeps its broadcast predicate for the gradient). A row without visible keys
+    # sees every key.
+    logits = logits + jnp.where(visible, 0.0, MASKED)
+  probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
+  return jnp.einsum("bkgls,bskd->blkgd", probs.astype(v.dtype), v).reshape(b, lq, h, d)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *,
+                    implementation: str | None) -> jax.Array:
+  """`jax.nn.dot_product_attention` (cuDNN: bf16/fp16 on GPU) with the mask as arguments the
+  flash kernel takes where it can: `is_causal` and sequence lengths; a dense `[B, 1, Lq, S]`
+  mask only for packed segments or arbitrary key masks without lengths."""
+  lq, s = q.shape[1], k.shape[1]
+  kw = dict(is_causal=mask.causal)
+  dense = None
+  if mask.key_lengths is not None:
+    # A row without keys gets one (a padding row: its output is never read).
+    lengths = jnp.maximum(mask.key_lengths, 1).astype(jnp.int32)
+    kw["key_value_seq_lengths"] = lengths
+    if mask.causal and lq == s:
+      kw["query_seq_lengths"] = lengths
+  elif mask.key_valid is not None:
+    dense = mask.key_valid.astype(bool)[:, None, None, :]
+  if mask.segment_ids is not None:
+    seg = mask.segment_ids
+    same = (seg[:, :, None] == seg[:, None, :])[:, None]
+    dense = same if dense is None else dense & same
+  if dense is not None:
+    if mask.causal:
+      dense = dense & (jnp.arange(s)[None, :] <= jnp.arange(lq)[:, None])
+    dense = dense | ~dense.any(axis=-1, keepdims=True)  # no NaN on rows without keys
+  return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation=implementation, **kw)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+  """The Pallas TPU splash-attention kernel (compiled on TPU, interpreted elsewhere), per
+  example (vmapped) and per device (`sharding.local` over the batch and heads axes).
+
+  The mask becomes segment ids: sequences are padded to multiples of 128 (the kernel's lanes),
+  and padding keys and the mask's invalid keys get segment id 0, which real queries never see.
+  Queries are scaled here (the kernel does not), and grouped kv heads are repeated to the query
+  heads.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash,
+  )
+
+  b, lq, h, d = q.shape
+  s = k.shape[1]
+  if mask.causal and lq != s:
+    raise ValueError("tpu_splash: causal attention needs queries on the key slots")
+  lq_pad, s_pad = -(-lq // 128) * 128, -(-s // 128) * 128
+  valid = jnp.ones((b, s), bool) if mask.key_valid is None else mask.key_valid.astype(bool)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+  if mask.causal or mask.segment_ids is not None:  # queries on the key slots
+    seg = 0 if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32)
+    kv_seg = pad(jnp.where(valid, seg + 1, 0), s_pad)
+    # A padding query sees the padding keys up to itself (a finite row, never read).
+    q_seg = kv_seg
+  else:  # a key mask: every query sees the valid keys, or all of them if there are none
+    valid = valid | ~valid.any(axis=-1, keepdims=True)
+    kv_seg = pad(valid.astype(jnp.int32), s_pad)
+    q_seg = jnp.ones((b, lq_pad), jnp.int32)
+  heads_first = lambda x, n: jnp.swapaxes(pad(x, n), 1, 2)  # [B, H, L, D]
+  rep = h // k.shape[2]
+  q_, k_, v_ = (heads_first(q * jnp.asarray(d ** -0.5, q.dtype), lq_pad),
+                heads_first(jnp.repeat(k, rep, axis=2), s_pad),
+                heads_first(jnp.repeat(v, rep, axis=2), s_pad))
+  kernel = _splash_kernel(h, lq_pad, s_pad, mask.causal, jax.default_backend() != "tpu")
+
+  def run(q_, k_, v_, q_seg, kv_seg):
+    return jax.vmap(kernel)(q_, k_, v_, segment_ids=splash.SegmentIds(q_seg, kv_seg))
+
+  out = sharding.local(run, (q_, k_, v_, q_seg, kv_seg),
+                       (("batch", "heads"),) * 3 + (("batch",),) * 2, ("batch", "heads"))
+  return jnp.swapaxes(out, 1, 2)[:, :lq].astype(q.dtype)
+
+
+@functools.cache
+def _splash_kernel(heads: int, lq: int, s: int, causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_mask as splash_mask,
+  )
+
+  one = splash_mask.CausalMask((lq, s)) if causal else splash_mask.FullMask((lq, s))
+  bq, bkv = (next(b for b in (512, 256, 128) if n % b == 0) for n in (lq, s))
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                             block_kv_dq=bkv)
+  with jax.ensure_compile_time_eval():  # concrete mask tables, reusable by every trace
+    return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: int,

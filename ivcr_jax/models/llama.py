@@ -9,8 +9,9 @@ LoRA (PEFT semantics): each targeted projection gains `lora_a` `[*in, r]` and `l
 `[r, *out]` (`nnx.LoRAParam`, whose `lora_` path prefix `ivcr_jax.models.trainable` selects) and
 computes `W x + (alpha / r) * B A dropout(x)`.
 
-Attention is masked explicitly (causal by slot, padding, optional packed segments) and RoPE uses
-explicit positions, so padded and packed batches are exact. The same stack runs incrementally
+Attention is masked explicitly (causal by slot, padding, optional packed segments: a
+`layers.Mask`, never a dense array) and RoPE uses explicit positions, so padded and packed
+batches are exact. The same stack runs incrementally
 over a fixed-size `KVCache` for generation (`ivcr_jax.models.generation`).
 """
 
@@ -137,61 +138,10 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def make_mask(q_slots: jax.Array, kv_valid: jax.Array,
-              segment_ids: jax.Array | None = None) -> jax.Array:
-  """`[B, Lq, S]` booleans: causal by slot, valid keys only, and same segment when packed.
-
-  Args:
-    q_slots: `[Lq]` slot index of each query (keys are slots `0..S-1`).
-    kv_valid: `[B, S]` False for padding keys.
-    segment_ids: `[B, S]` packed-sequence ids (queries and keys share slots), or None.
-  """
-  mask = (jnp.arange(kv_valid.shape[1])[None, :] <= q_slots[:, None])[None] & kv_valid[:, None, :]
-  if segment_ids is not None:
-    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-  return mask
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          impl: str = "xla") -> jax.Array:
-  """Grouped-query softmax attention.
-
-  Args:
-    q: `[B, L, H, Dh]`; k, v: `[B, S, KV, Dh]` with `H % KV == 0` (query head `h` reads kv head
-      `h // (H / KV)`, as HF `repeat_kv`).
-    mask: `[B, L, S]` booleans.
-    impl: "xla" (portable; logits and softmax in float32) or "cudnn" (fused GPU kernel).
-  """
-  if impl == "cudnn":
-    return fused_attention(q, k, v, mask, implementation="cudnn")
-  if impl != "xla":
-    raise ValueError(f"attention_impl {impl!r} is not available; use 'xla' or 'cudnn'")
-  b, lq, h, d = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, lq, kv, h // kv, d)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (d ** -0.5)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, lq, h, d)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                    implementation: str | None) -> jax.Array:
-  """`jax.nn.dot_product_attention` with our mask layout (cuDNN needs bf16/fp16 on GPU).
-
-  A query with no visible key (a left-padding position) attends to every key instead, as the
-  float32-min masking of the XLA path effectively does; fused kernels could return NaN there,
-  which the next layer's keys would carry into real positions.
-  """
-  mask = mask | ~mask.any(axis=-1, keepdims=True)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
-
-
 class Attention(nnx.Module):
-  def __init__(self, llm: ml_collections.ConfigDict, lora: dict[str, dict], *, dtype,
+  def __init__(self, llm: ml_collections.ConfigDict, lora: dict[str, dict], *, impl: str, dtype,
                param_dtype, rngs: nnx.Rngs):
-    self.impl = llm.attention_impl
+    self.impl = impl
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     heads, kv, hd = llm.heads, llm.kv_heads, llm.head_dim
     if heads % kv:
@@ -205,7 +155,7 @@ class Attention(nnx.Module):
     self.o_proj = LoRADense((heads, hd), llm.hidden, axes=("heads", "head_dim", "embed"),
                             **lora.get("o_proj", {}), **dense)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: layers.Mask, *,
                cache: tuple | None = None, dropout_key: jax.Array | None = None):
     """`cache`: `(k_all, v_all, layer, index)`; the new keys/values are written at slots
     `index..index+L` of `layer` and attention reads the whole layer. Returns `(out, (k, v))`."""
@@ -222,7 +172,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
       cache = (k_all, v_all)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)
+    out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.impl)
     return self.o_proj(out, key(3)), cache
 
 
@@ -246,11 +196,11 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """x += attn(norm(x)); x += mlp(norm(x))."""
 
-  def __init__(self, llm: ml_collections.ConfigDict, lora: dict[str, dict], *, dtype,
+  def __init__(self, llm: ml_collections.ConfigDict, lora: dict[str, dict], *, impl: str, dtype,
                param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(llm.hidden, llm.rms_eps, param_dtype=param_dtype, rngs=rngs)
-    self.self_attn = Attention(llm, lora, **kw)
+    self.self_attn = Attention(llm, lora, impl=impl, **kw)
     self.post_attention_layernorm = RMSNorm(llm.hidden, llm.rms_eps, param_dtype=param_dtype,
                                             rngs=rngs)
     self.mlp = MLP(llm, lora, **kw)
@@ -269,7 +219,8 @@ class Llama(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, lora: bool = True, rngs: nnx.Rngs):
     """Args:
       cfg: the `model` section of the config (`llm`, `lora`, `dtype`, `param_dtype`,
-        `frozen_param_dtype`). Base weights use `frozen_param_dtype`, adapters `param_dtype`.
+        `frozen_param_dtype`, `attention_impl`). Base weights use `frozen_param_dtype`,
+        adapters `param_dtype`.
       lora: whether to attach adapters to `cfg.lora.targets` (rank `cfg.lora.rank`).
     """
     llm = cfg.llm
@@ -289,7 +240,8 @@ class Llama(nnx.Module):
                                      param_dtype=frozen, rngs=rngs)
     self.layers = layers.stacked(
         llm.depth,
-        lambda r: DecoderLayer(llm, adapters, dtype=self.dtype, param_dtype=frozen, rngs=r), rngs)
+        lambda r: DecoderLayer(llm, adapters, impl=cfg.attention_impl, dtype=self.dtype,
+                               param_dtype=frozen, rngs=r), rngs)
     self.norm = RMSNorm(llm.hidden, llm.rms_eps, param_dtype=frozen, rngs=rngs)
     self.lm_head = layers.Dense(llm.hidden, llm.vocab_size, axes=("embed", "vocab"),
                                 use_bias=False, dtype=self.dtype, param_dtype=frozen, rngs=rngs)
@@ -318,6 +270,7 @@ class Llama(nnx.Module):
                     inputs_embeds: jax.Array | None = None,
                     attention_mask: jax.Array | None = None,
                     position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    lengths: jax.Array | None = None,
                     dropout_key: jax.Array | None = None) -> jax.Array:
     """Full-sequence forward (training, scoring) up to the final norm, `[B, L, hidden]`.
 
@@ -326,20 +279,21 @@ class Llama(nnx.Module):
 
     Args:
       input_ids: `[B, L]` int, or None when `inputs_embeds` `[B, L, hidden]` is given.
-      attention_mask: `[B, L]`, 0 for padding (None: all ones).
+      attention_mask: `[B, L]`, 0 for padding (None: no padding).
       position_ids: `[B, L]` (None: `arange(L)`, like HF; pass `cumsum(mask) - 1` to make a
         left-padded row identical to the unpadded one, or per-segment positions when packed).
       segment_ids: `[B, L]` packed-sequence ids; tokens attend within their segment only.
+      lengths: `[B]`, a promise that `attention_mask` is right padding of these lengths (the
+        pipeline's batches): fused attention kernels then skip the padding.
       dropout_key: PRNG key for LoRA dropout in training, None otherwise.
     """
     x = sharding.constrain(self._inputs(input_ids, inputs_embeds), ("batch",))
     b, length = x.shape[:2]
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, length), bool)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(length), (b, length))
     cos, sin = self.rope(position_ids)
-    mask = make_mask(jnp.arange(length), attention_mask.astype(bool), segment_ids)
+    mask = layers.Mask(causal=True, key_valid=attention_mask, key_lengths=lengths,
+                       segment_ids=segment_ids)
     x = self._run_layers(
         x, lambda blk, h, key: sharding.constrain(
             blk(h, cos, sin, mask, dropout_key=key)[0], ("batch",)),
@@ -357,7 +311,7 @@ class Llama(nnx.Module):
     cos, sin = self.rope(position_ids)
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool),
                                          (0, cache.index))
-    mask = make_mask(cache.index + jnp.arange(length), valid)
+    mask = layers.Mask(causal=True, q_offset=cache.index, key_valid=valid)
 
     def layer(blk, carry, _):
       h, k_all, v_all, i = carry

@@ -23,8 +23,9 @@ from ivcr_jax.models import layers
 
 
 class MultiHeadAttention(nnx.Module):
-  def __init__(self, hidden: int, kv_width: int, heads: int, *, dtype, param_dtype,
+  def __init__(self, hidden: int, kv_width: int, heads: int, *, impl: str, dtype, param_dtype,
                rngs: nnx.Rngs):
+    self.impl = impl
     head_dim = hidden // heads
     dense = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     in_axes = ("embed", "heads", "head_dim")
@@ -36,7 +37,8 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, kv: jax.Array, key_mask: jax.Array | None, *,
                attention_dropout: float, dropout_key: jax.Array | None) -> jax.Array:
-    out = layers.attention(self.query(x), self.key(kv), self.value(kv), key_mask=key_mask,
+    out = layers.attention(self.query(x), self.key(kv), self.value(kv),
+                           layers.Mask(key_valid=key_mask), impl=self.impl,
                            dropout_rate=attention_dropout, dropout_key=dropout_key)
     return self.output(out)
 
@@ -55,14 +57,15 @@ class QFormerLayer(nnx.Module):
   """Self-attention -> [cross-attention on queries] -> query FFN / text FFN, each post-LN."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, encoder_width: int, has_cross: bool,
-               text_input: bool, dtype, param_dtype, rngs: nnx.Rngs):
+               text_input: bool, attention_impl: str, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     hidden = cfg.hidden
     self.cfg = cfg
-    self.attention = MultiHeadAttention(hidden, hidden, cfg.heads, **kw)
+    self.attention = MultiHeadAttention(hidden, hidden, cfg.heads, impl=attention_impl, **kw)
     self.attention_norm = layers.layer_norm(hidden, cfg.ln_eps, **kw)
     if has_cross:
-      self.cross_attention = MultiHeadAttention(hidden, encoder_width, cfg.heads, **kw)
+      self.cross_attention = MultiHeadAttention(hidden, encoder_width, cfg.heads,
+                                                impl=attention_impl, **kw)
       self.cross_attention_norm = layers.layer_norm(hidden, cfg.ln_eps, **kw)
     else:
       self.cross_attention = self.cross_attention_norm = None
@@ -118,7 +121,8 @@ class QFormer(nnx.Module):
   """`queries [B, Q, D]`, `encoder [B, S, E]`, text ids `[B, L]` -> hidden `[B, Q + L, D]`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, encoder_width: int, text_input: bool,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla",
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.embeddings = QFormerEmbeddings(cfg, text_input=text_input, param_dtype=param_dtype,
@@ -126,7 +130,8 @@ class QFormer(nnx.Module):
     self.layers = nnx.List([
         QFormerLayer(cfg, encoder_width=encoder_width,
                      has_cross=i % cfg.cross_attention_freq == 0, text_input=text_input,
-                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
         for i in range(cfg.depth)
     ])
 

@@ -36,7 +36,7 @@ class VisionTower(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     """Args:
       cfg: the `model` section of the config (needs `vit`, `qformer`, `video`, `video_qformer`,
-        `llm.hidden`, `dtype`, `param_dtype`, `frozen_param_dtype`).
+        `llm.hidden`, `dtype`, `param_dtype`, `frozen_param_dtype`, `attention_impl`).
     """
     # Frozen, here and in the submodules it is handed to: hashable, so the graphdef can be a
     # static `jit` argument (split/merge pattern).
@@ -47,17 +47,18 @@ class VisionTower(nnx.Module):
     hidden = qcfg.hidden
     if vcfg.hidden != hidden:
       raise ValueError(f"video_qformer.hidden {vcfg.hidden} != qformer.hidden {hidden}")
+    attn = cfg.attention_impl
     self.vit = EvaViT(cfg.vit, dtype=dtype, param_dtype=jnp.dtype(cfg.frozen_param_dtype),
-                      rngs=rngs)
+                      attention_impl=attn, rngs=rngs)
     self.qformer = QFormer(qcfg, encoder_width=cfg.vit.width, text_input=qcfg.text_input,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                           dtype=dtype, param_dtype=param_dtype, attention_impl=attn, rngs=rngs)
     self.query_tokens = layers.param(rngs, nnx.initializers.normal(0.02),
                                      (1, qcfg.num_query_tokens, hidden), (None, None, "embed"),
                                      param_dtype)
     self.frame_position_embedding = layers.embed(cfg.video.max_frame_pos, hidden, (None, "embed"),
                                                  param_dtype=param_dtype, rngs=rngs)
     self.video_qformer = QFormer(vcfg, encoder_width=hidden, text_input=False, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
+                                 param_dtype=param_dtype, attention_impl=attn, rngs=rngs)
     self.video_query_tokens = layers.param(rngs, nnx.initializers.normal(0.02),
                                            (1, vcfg.num_query_tokens, hidden),
                                            (None, None, "embed"), param_dtype)
