@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from ivcr_jax import sharding
+from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models import trainable
 from ivcr_jax.models.vision_tower import VisionTower, num_windows
 
@@ -31,13 +32,25 @@ def _inputs(cfg, num_frames, text_lens, t_max, l_max, seed=0):
   return feats, ids, mask
 
 
+def _packed(num_frames, *padded, order=None):
+  """The frame table of videos padded to `[V, T, ...]` (`pipeline.frame_slots` layout, or its
+  rows permuted by `order` with the padding rows among them) and its `frame_slot`."""
+  tables = [np.concatenate([x[i, :t] for i, t in enumerate(num_frames)]) for x in padded]
+  slot = frame_slots(num_frames, len(num_frames), padded[0].shape[1])
+  if order is None:
+    return (*tables, slot)
+  tables = [np.concatenate([x, np.zeros_like(x[:len(order) - len(x)])])[np.argsort(order)]
+            for x in tables]
+  return (*tables, np.where(slot >= 0, np.asarray(order)[np.maximum(slot, 0)], -1))
+
+
 def _official_loop(tower, feats, ids, mask, t, cfg):
   """The official algorithm for one unpadded video: Q-Former over its frames with text padded to
   its own longest string, + frame positions, then one video Q-Former call per window."""
   num_q = cfg.model.qformer.num_query_tokens
   length = int(mask[:t].sum(-1).max())
   queries = jnp.broadcast_to(tower.query_tokens[...], (t, num_q, tower.query_tokens.shape[-1]))
-  hidden = tower.qformer(queries, jnp.asarray(feats[:t]), text_ids=jnp.asarray(ids[:t, :length]),
+  hidden = tower.qformer(queries, feats[:t], text_ids=jnp.asarray(ids[:t, :length]),
                          text_mask=jnp.asarray(mask[:t, :length]))
   hidden = hidden + tower.frame_position_embedding(jnp.arange(t))[:, None, :]
   outputs = []
@@ -50,7 +63,10 @@ def _official_loop(tower, feats, ids, mask, t, cfg):
 
 
 @pytest.mark.parametrize("window,stride", [(8, 8), (8, 5)])
-def test_batched_windows_equal_official_loop(tiny_config, window, stride):
+def test_packed_frames_and_windows_equal_official_loop(tiny_config, window, stride):
+  """Tokens and their gradients with respect to the features, from a packed frame table whose
+  rows are out of order with padding rows among them, equal the official per-video loop; the
+  Q-Formers see exactly the real frames (one table row each, no padding frames)."""
   cfg = tiny_config.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.model.video.window, cfg.model.video.stride = window, stride
@@ -59,24 +75,38 @@ def test_batched_windows_equal_official_loop(tiny_config, window, stride):
   text_lens = [[5 + f % 3 for f in range(13)], [4] * 6]
   t_max, l_max = 16, 9  # static padding beyond every video's own length
   feats, ids, mask = _inputs(cfg, num_frames, text_lens, t_max, l_max)
-  tokens, valid = jax.jit(lambda f, n, i, m: tower(f, n, text_ids=i, text_mask=m))(
-      feats, jnp.asarray(num_frames), ids, mask)
+  order = np.random.default_rng(1).permutation(22)  # 19 real frames and 3 padding rows
+  table, table_ids, table_mask, slot = _packed(num_frames, feats, ids, mask, order=order)
   num_vq = cfg.model.video_qformer.num_query_tokens
-  assert tokens.shape == (2, num_windows(t_max, stride) * num_vq, cfg.model.llm.hidden)
+  cotangent = np.random.default_rng(2).normal(
+      size=(2, num_windows(t_max, stride) * num_vq, cfg.model.llm.hidden)).astype(np.float32)
+
+  def batched(table):
+    tokens, valid = tower(table, jnp.asarray(slot), text_ids=table_ids, text_mask=table_mask)
+    return jnp.sum(jnp.where(valid[..., None], tokens * cotangent, 0.0)), (tokens, valid)
+
+  (_, (tokens, valid)), grad = jax.jit(jax.value_and_grad(batched, has_aux=True))(table)
+  assert tokens.shape == cotangent.shape
   for v, t in enumerate(num_frames):
-    want = _official_loop(tower, feats[v], ids[v], mask[v], t, cfg)
+    loop = lambda f, v=v, t=t: _official_loop(tower, f, ids[v], mask[v], t, cfg)
+    want, vjp = jax.vjp(loop, jnp.asarray(feats[v]))
     assert int(valid[v].sum()) == want.shape[0] == tower.tokens_per_video(t)
     got = tokens[v][np.asarray(valid[v])]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+    (want_grad,) = vjp(jnp.asarray(cotangent[v][np.asarray(valid[v])]))
+    np.testing.assert_allclose(np.asarray(grad)[slot[v, :t]], np.asarray(want_grad)[:t],
+                               atol=2e-5, rtol=0)
+  padding_rows = np.setdiff1d(np.arange(len(order)), slot[slot >= 0])
+  assert len(padding_rows) == 3 and not np.asarray(grad)[padding_rows].any()
 
 
 def test_frames_to_tokens_end_to_end(tiny_config):
   tower = _tower(tiny_config)
   size = tiny_config.model.vit.image_size
-  frames = jax.random.randint(jax.random.key(0), (2, 9, size, size, 3), 0, 256).astype(jnp.uint8)
+  frames = jax.random.randint(jax.random.key(0), (13, size, size, 3), 0, 256).astype(jnp.uint8)
   feats = tower.encode_frames(frames)
-  assert feats.shape[:2] == (2, 9)
-  tokens, valid = tower(feats, jnp.array([9, 4]))
+  assert feats.shape[0] == 13
+  tokens, valid = tower(feats, jnp.asarray(frame_slots([9, 4], 2, 9)))
   assert tokens.shape == (2, 16, tiny_config.model.llm.hidden)
   assert valid.sum(1).tolist() == [16, 8]
   assert bool(jnp.isfinite(tokens).all())
@@ -84,12 +114,11 @@ def test_frames_to_tokens_end_to_end(tiny_config):
 
 def test_dropout_only_in_training_and_remat_keeps_gradients(tiny_config):
   cfg = tiny_config.copy_and_resolve_references()
-  feats, ids, mask = _inputs(cfg, [10], [[6] * 10], 10, 6)
-  n = jnp.array([10])
+  feats, ids, mask, slot = _packed([10], *_inputs(cfg, [10], [[6] * 10], 10, 6))
 
   def make_loss(graphdef):
     def loss(state, key):
-      tokens, _ = nnx.merge(graphdef, state)(feats, n, text_ids=ids, text_mask=mask,
+      tokens, _ = nnx.merge(graphdef, state)(feats, slot, text_ids=ids, text_mask=mask,
                                              dropout_key=key)
       return jnp.sum(tokens**2)
     return loss
@@ -121,26 +150,26 @@ def test_sharded_tower_equals_unsharded(tiny_config):
   size = cfg.model.vit.image_size
   frames = np.asarray(jax.random.randint(jax.random.key(3), (2, 12, size, size, 3), 0, 256),
                       np.uint8)
-  _, ids, mask = _inputs(cfg, [12, 7], [[5] * 12, [3] * 7], 12, 5)
-  num_frames = np.array([12, 7])
+  _, ids, mask = _inputs(cfg, [12, 8], [[5] * 12, [3] * 8], 12, 5)
+  frames, ids, mask, slot = _packed([12, 8], frames, ids, mask)  # 20 frames: 2 per device
   graphdef, state = nnx.split(tower)
 
-  def forward(state, frames, num_frames, ids, mask):
+  def forward(state, frames, slot, ids, mask):
     model = nnx.merge(graphdef, state)
-    return model(model.encode_frames(frames), num_frames, text_ids=ids, text_mask=mask)
+    return model(model.encode_frames(frames), slot, text_ids=ids, text_mask=mask)
 
-  want = jax.jit(forward)(state, frames, num_frames, ids, mask)
+  want = jax.jit(forward)(state, frames, slot, ids, mask)
   mesh = sharding.make_mesh(cfg.mesh)
   state_sh = sharding.state_shardings(state, mesh, cfg.mesh.rules)
   specs = [s.spec for s in jax.tree.leaves(state_sh)]
   assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
   batch = [sharding.data_sharding(mesh, cfg.mesh.rules, np.shape(x))
-           for x in (frames, num_frames, ids, mask)]
-  assert batch[0].spec[0] == "fsdp"  # 2 videos over fsdp=2
+           for x in (frames, slot, ids, mask)]
+  assert batch[0].spec[0] == batch[1].spec[0] == "fsdp"  # 20 frames and 2 videos over fsdp=2
   with jax.set_mesh(mesh):
     sharded_state = jax.device_put(state, state_sh)
     got = jax.jit(forward, in_shardings=(state_sh, *batch))(
-        sharded_state, frames, num_frames, ids, mask)
+        sharded_state, frames, slot, ids, mask)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=0)
 

@@ -121,6 +121,10 @@ def _data() -> ml_collections.ConfigDict:
   # Sizes of the global video table (P processes hold 1/P of it each). 1: a moment-only
   # sample's one video; 10: a retrieval-only turn's candidates; 11: both.
   d.video_buckets = (1, 10, 11, 22, 44, 88)
+  # Sizes of the global frame table: the batch's real frames, packed (no padding frames when
+  # retrieval and moment frame counts differ). (): the video buckets times the most frames of a
+  # video (every video full length: official, where both counts are 64).
+  d.frame_buckets = ()
   d.max_digits = 6  # digits per number located for the aux losses
   # Tokenizers (ivcr_jax.data.tokenizer). "" tokenizer: the toy tokenizer (built offline).
   d.tokenizer = ""  # Hugging Face tokenizer directory of the LLM
@@ -207,6 +211,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset == "paper":
     c.data.frames_retrieval = 12
     c.data.frames_moment = 96
+    # A moment-only sample (96), a retrieval turn (10 x 12), both (216), two of each, ...; the
+    # last holds the largest video table of full-length videos (88 x 96).
+    c.data.frame_buckets = (96, 120, 216, 432, 864, 1728, 3456, 8448)
     c.model.video.max_frame_pos = 96
     c.train.weight_decay = 1e-6
   elif preset in ("small", "tiny", "demo"):

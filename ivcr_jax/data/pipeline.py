@@ -3,26 +3,29 @@
 Per sample (a `records.Sample`): sample each video's frames (official `rand` in training, with a
 stream per (seed, epoch, video) so a video shared by two samples of a batch is sampled alike),
 render and tokenise the chat prompt (`prompt.encode`), and drop the oldest whole turns while the
-spliced sequence is longer than `max_len` or the sample shows more videos than its share of the
-largest video table (counted by reason in `SampleEncoder.truncated`). In training,
-`data.random_resized_crop` crops each sampled video once (one random resized crop for all its
-frames, drawn from the same stream, so batches and iterator resumption stay exact).
+spliced sequence is longer than `max_len` or the sample shows more videos or frames than its
+share of the largest video or frame table (counted by reason in `SampleEncoder.truncated`). In
+training, `data.random_resized_crop` crops each sampled video once (one random resized crop for
+all its frames, drawn from the same stream, so batches and iterator resumption stay exact).
 
 With a feature store (`data.features`, `ivcr_jax.data.feature_store`) the same sampling picks
-rows of stored ViT features instead of frames, and batches carry `features [V, T, N, W]`
-(float32) instead of `frames`; the store must come from the model's own ViT (checked by
-fingerprint).
+rows of stored ViT features instead of frames, and batches carry `features [F, N, W]` (in the
+store's float16/bfloat16, cast on the device) instead of `frames`; the store must come from the
+model's own ViT (checked by fingerprint).
 
 Per batch (`assemble`): collect the batch's distinct sampled videos (video path + frame indices)
-into one table (each encoded once on device), expand every `<VIDEOTOKEN>` into as many slots as
-its video yields embeddings, and write `video_slot` (-1 for text, else the row of the flattened
-`[V * tokens_per_video]` video-embedding table), labels, positions and the digit positions of
-every index/span answer for the aux losses. Sequence length and video-table size are rounded up
-to a few buckets, so the train step compiles once per bucket pair, never per batch.
+into one table (each encoded once on device), pack their real frames into one frame table
+(`frames [F, H, W, 3]`, video after video: no padding frames, so retrieval candidates of 12
+frames beside a 96-frame moment video cost 12 frames each) with `frame_slot [V, T]` naming each
+video's rows, expand every `<VIDEOTOKEN>` into as many slots as its video yields embeddings, and
+write `video_slot` (-1 for text, else the row of the flattened `[V * tokens_per_video]`
+video-embedding table), labels, positions and the digit positions of every index/span answer for
+the aux losses. Sequence length, video-table size and frame-table size are rounded up to a few
+buckets, so the train step compiles once per bucket triple, never per batch.
 
 Several processes: each assembles its own rows of a global batch (`train_dataset`), then
 `pad_batch` brings every share to the shapes all processes agreed on and points its
-`video_slot` at its own rows of the global video table (`ivcr_jax.training.feed`).
+`video_slot` and `frame_slot` at its own rows of the global tables (`ivcr_jax.training.feed`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from ivcr_jax.data.records import MOMENT, RecordError, Sample
 
 IGNORE = prompt.IGNORE_INDEX
 # Turns are dropped (oldest first) for these reasons; anything else is an error.
-_SHORTENABLE = ("context_too_long", "too_many_videos")
+_SHORTENABLE = ("context_too_long", "too_many_videos", "too_many_frames")
 
 # (video path, sampled frame indices, crop box or ()): one table row
 VideoKey = tuple[str, tuple[int, ...], tuple[int, ...]]
@@ -65,7 +68,8 @@ class Layout:
   batch_size: int
   seq_buckets: tuple[int, ...]  # allowed sequence lengths after splicing (ascending)
   video_buckets: tuple[int, ...]  # allowed video-table sizes (ascending)
-  frames: int  # T: frames per video, padded
+  frame_buckets: tuple[int, ...]  # allowed frame-table sizes (ascending)
+  frames: int  # T: the most frames of a video (the width of `frame_slot`)
   text_len: int  # L: Q-Former timestamp tokens per frame
   queries: int  # video Q-Former queries per window
   stride: int  # sliding-window stride in frames
@@ -80,15 +84,18 @@ class Layout:
     """The layout of a batch of `batch_size` (default `train.batch_size`) rows, or of one
     process's share when `process_count` > 1: 1/P of the rows and of every video bucket
     (`data.video_buckets` size the global table), so the samples fit alike on any number of
-    processes."""
+    processes. `data.frame_buckets` () are the video buckets times T: the frame tables of
+    full-length videos."""
     m, d = config.model, config.data
     frames = max(d.frames_retrieval, d.frames_moment)
     batch = batch_size or config.train.batch_size
     if batch % process_count:
       raise ValueError(f"batch size {batch} is not a multiple of the {process_count} processes "
                        "(each assembles an equal share)")
+    share = lambda buckets: tuple(-(-b // process_count) for b in buckets)
+    frame_buckets = tuple(d.frame_buckets) or tuple(b * frames for b in d.video_buckets)
     return cls(batch_size=batch // process_count, seq_buckets=tuple(d.seq_buckets),
-               video_buckets=tuple(-(-b // process_count) for b in d.video_buckets),
+               video_buckets=share(d.video_buckets), frame_buckets=share(frame_buckets),
                frames=frames, text_len=d.qformer_text_len,
                queries=m.video_qformer.num_query_tokens, stride=m.video.stride,
                max_numbers=d.max_turns, max_digits=d.max_digits)
@@ -106,7 +113,8 @@ class SampleEncoder:
   features).
 
   `truncated` counts the turns dropped from over-long samples, by reason (`context_too_long`,
-  `too_many_videos`), in this process (grain worker processes keep their own counts).
+  `too_many_videos`, `too_many_frames`), in this process (grain worker processes keep their own
+  counts).
   """
 
   def __init__(self, config, tokenizer, frame_store, *, training: bool, layout: Layout,
@@ -141,7 +149,7 @@ class SampleEncoder:
                          "so stored ViT features would be stale; train from frames")
       feature_store.check(vit_fingerprint, frame_store)
       self.store, self.field = feature_store, "features"
-      self.item_shape = tuple(feature_store.shape)
+      self.item_shape, self.item_dtype = tuple(feature_store.shape), feature_store.item_dtype
     else:
       size = frame_store.settings.size
       if size != image_size:
@@ -149,16 +157,18 @@ class SampleEncoder:
                          f"{image_size} px; rebuild it with python -m data_prep.build_stores "
                          f"--size {image_size}")
       self.store, self.field = frame_store, "frames"
-      self.item_shape = (image_size, image_size, 3)
+      self.item_shape, self.item_dtype = (image_size, image_size, 3), np.dtype(np.uint8)
     self.training = training
     self.layout = layout
     self.sampling = d.sample_train if training else d.sample_eval
     self.seed = config.seed
     self.max_len = layout.seq_buckets[-1]
     self.max_videos = layout.video_buckets[-1] // layout.batch_size
-    if self.max_videos < 1:
-      raise ValueError(f"the largest video table ({layout.video_buckets[-1]}) is smaller than the "
-                       f"batch size {layout.batch_size}")
+    self.max_frames = layout.frame_buckets[-1] // layout.batch_size
+    if self.max_videos < 1 or self.max_frames < layout.frames:
+      raise ValueError(f"the largest video table ({layout.video_buckets[-1]}) or frame table "
+                       f"({layout.frame_buckets[-1]}) cannot hold one video per sample of a batch "
+                       f"of {layout.batch_size}")
     self.truncated = collections.Counter()
 
   def __getstate__(self):  # for grain worker processes: thread-local copies are rebuilt there
@@ -227,6 +237,10 @@ class SampleEncoder:
     if len(loaded) > self.max_videos:
       raise RecordError("too_many_videos", f"{sample.dialogue.name}: {len(loaded)} videos, more "
                         f"than {self.max_videos} (largest video table / batch size)")
+    num_frames = sum(len(k[1]) for k in loaded)
+    if num_frames > self.max_frames:
+      raise RecordError("too_many_frames", f"{sample.dialogue.name}: {num_frames} frames, more "
+                        f"than {self.max_frames} (largest frame table / batch size)")
     llm_tok, qformer_tok = self.tokenizers()
     enc = prompt.encode(sample, llm_tok, frame_times, generation=generation,
                         num_candidates=self.data.num_candidates,
@@ -238,7 +252,7 @@ class SampleEncoder:
         for key, vf in loaded.items()}
     return {"encoded": enc, "videos": videos, "frames": loaded, "qformer_text": text,
             "sample": sample, "qformer_pad": qformer_tok.pad_token_id, "field": self.field,
-            "item_shape": self.item_shape}
+            "item_shape": self.item_shape, "item_dtype": self.item_dtype}
 
 
 def _drop_oldest_turn(sample: Sample) -> Sample:
@@ -315,22 +329,33 @@ def assemble(elements: Sequence[dict[str, Any]], layout: Layout) -> dict[str, np
     _write_numbers(aux, i, enc.numbers, shift, k, dmax)
   out.update(aux)
 
-  t, l_ = layout.frames, layout.text_len
+  counts = [len(frames_of[key].indices) for key in table]
+  f = _bucket(sum(counts), layout.frame_buckets, "frames per batch (raise data.frame_buckets)")
   field = elements[0]["field"]
-  dtype = np.uint8 if field == "frames" else np.float32
-  out[field] = np.zeros((v, t, *elements[0]["item_shape"]), dtype)
-  out["num_frames"] = np.ones((v,), np.int32)
-  out["qformer_text_ids"] = np.full((v, t, l_), elements[0]["qformer_pad"], np.int32)
-  out["qformer_text_mask"] = np.zeros((v, t, l_), bool)
-  for key, row in table.items():
-    vf = frames_of[key]
-    n = len(vf.indices)
-    out[field][row, :n] = getattr(vf, field)
-    out["num_frames"][row] = n
+  out[field] = np.zeros((f, *elements[0]["item_shape"]), elements[0]["item_dtype"])
+  out["frame_slot"] = frame_slots(counts, v, layout.frames)
+  out["qformer_text_ids"] = np.full((f, layout.text_len), elements[0]["qformer_pad"], np.int32)
+  out["qformer_text_mask"] = np.zeros((f, layout.text_len), bool)
+  start = 0
+  for key, n in zip(table, counts, strict=True):
+    rows = slice(start, start + n)
+    out[field][rows] = getattr(frames_of[key], field)
     ids, mask = text_of[key]
-    out["qformer_text_ids"][row, :n] = ids
-    out["qformer_text_mask"][row, :n] = mask.astype(bool)
+    out["qformer_text_ids"][rows] = ids
+    out["qformer_text_mask"][rows] = mask.astype(bool)
+    start += n
   return out
+
+
+def frame_slots(counts: Sequence[int], videos: int, frames: int) -> np.ndarray:
+  """`frame_slot [videos, frames]` of videos with `counts` frames packed one after another in a
+  frame table (-1: no such frame; rows past the counts are empty videos)."""
+  slot = np.full((videos, frames), -1, np.int32)
+  start = 0
+  for row, n in enumerate(counts):
+    slot[row, :n] = start + np.arange(n)
+    start += n
+  return slot
 
 
 def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], shift: np.ndarray,
@@ -361,38 +386,46 @@ def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], 
 
 
 def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, videos: int,
-              first_video_row: int = 0) -> dict[str, np.ndarray]:
-  """`batch` padded to `seq_len` positions and a table of `videos` rows, its `video_slot` pointing
-  into a global table in which this batch's rows start at `first_video_row`.
+              frames: int, first_video_row: int = 0, first_frame_row: int = 0
+              ) -> dict[str, np.ndarray]:
+  """`batch` padded to `seq_len` positions, a video table of `videos` rows and a frame table of
+  `frames` rows, its `video_slot` and `frame_slot` pointing into global tables in which this
+  batch's rows start at `first_video_row` and `first_frame_row`.
 
   Multi-process runs: every process pads its share to the shapes all processes agreed on, and
-  process k's rows follow those of processes 0..k-1 in the global video table. Padding positions
-  are masked text, padding table rows empty videos (one frame, no text) that no slot refers to.
+  process k's rows follow those of processes 0..k-1 in the global tables. Padding positions are
+  masked text, padding videos have no frames, padding frames no text; no slot refers to them.
   """
   b, s = batch["input_ids"].shape
-  v = batch["num_frames"].shape[0]
-  if seq_len < s or videos < v:
-    raise ValueError(f"cannot pad a batch of {s} positions and {v} videos to {seq_len} and "
-                     f"{videos}")
-  fill = {"labels": IGNORE, "video_slot": -1}
+  v = batch["frame_slot"].shape[0]
+  f = len(batch["qformer_text_ids"])
+  if seq_len < s or videos < v or frames < f:
+    raise ValueError(f"cannot pad a batch of {s} positions, {v} videos and {f} frames to "
+                     f"{seq_len}, {videos} and {frames}")
+  fill = {"labels": IGNORE, "video_slot": -1, "frame_slot": -1}
+  rows = {**dict.fromkeys(_PER_VIDEO, videos), **dict.fromkeys(_PER_FRAME, frames)}
   out = {}
   for key, x in batch.items():
     if key in _PER_POSITION:
       out[key] = np.pad(x, [(0, 0), (0, seq_len - s)], constant_values=fill.get(key, 0))
-    elif key in _PER_VIDEO:
-      out[key] = np.pad(x, [(0, videos - v)] + [(0, 0)] * (x.ndim - 1),
-                        constant_values=1 if key == "num_frames" else 0)
+    elif key in rows:
+      out[key] = np.pad(x, [(0, rows[key] - len(x))] + [(0, 0)] * (x.ndim - 1),
+                        constant_values=fill.get(key, 0))
     else:
       out[key] = x
   if first_video_row:
     slot = out["video_slot"]
     per_video = layout.tokens_per_video(layout.frames)
     out["video_slot"] = np.where(slot >= 0, slot + first_video_row * per_video, slot)
+  if first_frame_row:
+    slot = out["frame_slot"]
+    out["frame_slot"] = np.where(slot >= 0, slot + first_frame_row, slot)
   return out
 
 
 _PER_POSITION = ("input_ids", "labels", "video_slot", "attention_mask", "position_ids")
-_PER_VIDEO = ("frames", "features", "num_frames", "qformer_text_ids", "qformer_text_mask")
+_PER_VIDEO = ("frame_slot",)
+_PER_FRAME = ("frames", "features", "qformer_text_ids", "qformer_text_mask")
 
 
 class _Elements:

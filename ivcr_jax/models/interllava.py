@@ -41,11 +41,12 @@ class InterLLaVA(nnx.Module):
       layers.fan_in_init(getattr(self, part), rngs.params())
 
   def video_embeddings(self, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
-    """`[V, tokens_per_video, llm_hidden]` for the batch's video table (frames or features)."""
+    """`[V, tokens_per_video, llm_hidden]` for the batch's video table, from its packed frame
+    table (frames or features) and `frame_slot`."""
     features = batch.get("features")
     if features is None:
       features = self.vision.encode_frames(batch["frames"])
-    tokens, _ = self.vision(features, batch["num_frames"],
+    tokens, _ = self.vision(features, batch["frame_slot"],
                             text_ids=batch.get("qformer_text_ids"),
                             text_mask=batch.get("qformer_text_mask"), dropout_key=dropout_key)
     return tokens

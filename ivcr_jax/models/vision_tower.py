@@ -4,10 +4,12 @@ frames -> EVA ViT + ln_vision -> image Q-Former (32 queries + timestamp text, fu
 -> + frame position embedding -> sliding windows -> video Q-Former -> projection, giving
 `num_video_queries * ceil(T / stride)` embeddings per video (reference §1.0-1.5).
 
-Everything is batched over videos and windows with static shapes: videos are padded to the same
-frame count `T` and carry `num_frames`; windows are an array axis (gathered, not looped), and the
-frames or tokens a shorter video or a shorter last window does not have are masked out of the
-video Q-Former's cross-attention, which gives exactly the official per-window result.
+Everything is batched with static shapes and no work on padding frames: the ViT and the image
+Q-Former run over a packed table of the batch's real frames (`[F, ...]`, video after video), and
+`frame_slot [V, T]` says which row holds frame `t` of video `v` (-1: the video has no such
+frame). Windows are an array axis `[V, n_w, W]` gathered from the packed rows (not looped), and
+the frames or tokens a shorter video or a shorter last window does not have are masked out of
+the video Q-Former's cross-attention, which gives exactly the official per-window result.
 """
 
 from __future__ import annotations
@@ -70,62 +72,72 @@ class VisionTower(nnx.Module):
     return self.cfg.video_qformer.num_query_tokens * num_windows(num_frames, self.cfg.video.stride)
 
   def encode_frames(self, frames: jax.Array) -> jax.Array:
-    """`[V, T, H, W, 3]` frames (uint8, or CLIP-normalised floats) -> `[V, T, N, vit_width]`.
+    """`[F, H, W, 3]` frames (uint8, or CLIP-normalised floats) -> `[F, N, vit_width]`.
 
     This is the frozen part; its output is what the feature store caches.
     """
-    v, t = frames.shape[:2]
-    images = frames.reshape(v * t, *frames.shape[2:])
-    if images.dtype == jnp.uint8:
-      images = clip_normalize(images, jnp.dtype(self.cfg.dtype))
-    feats = self.vit(images)
-    return feats.reshape(v, t, *feats.shape[1:])
+    if frames.dtype == jnp.uint8:
+      frames = clip_normalize(frames, jnp.dtype(self.cfg.dtype))
+    return self.vit(frames)
 
-  def __call__(self, features: jax.Array, num_frames: jax.Array, *,
+  def __call__(self, features: jax.Array, frame_slot: jax.Array, *,
                text_ids: jax.Array | None = None, text_mask: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Video embeddings for the LLM from ViT features.
+    """Video embeddings for the LLM from the ViT features of a packed frame table.
 
     Args:
-      features: `[V, T, N, vit_width]` from `encode_frames` (or the feature store); frames at
-        index >= `num_frames[v]` are padding.
-      num_frames: `[V]` int, the real frame count of each video (1..T).
-      text_ids, text_mask: `[V, T, L]` Q-Former timestamp text per frame (None: no text).
+      features: `[F, N, vit_width]` from `encode_frames` (or the feature store), the real frames
+        of every video (rows no slot names are padding).
+      frame_slot: `[V, T]` int, the row of `features` holding frame `t` of video `v` (each row
+        named once), -1 where the video has fewer frames (`pipeline.frame_slots`).
+      text_ids, text_mask: `[F, L]` Q-Former timestamp text per frame (None: no text).
       dropout_key: PRNG key in training, None in evaluation.
     Returns:
       `(tokens [V, n_w * Qv, llm_hidden], valid [V, n_w * Qv])` with `n_w = ceil(T / stride)`;
       windows a video does not have are marked invalid.
     """
     cfg = self.cfg
-    v, t = features.shape[:2]
+    f = features.shape[0]
+    v, t = frame_slot.shape
     if t > cfg.video.max_frame_pos:
       raise ValueError(f"{t} frames per video but only {cfg.video.max_frame_pos} frame positions")
-    frame_feats = features.reshape(v * t, *features.shape[2:])
-    queries = jnp.broadcast_to(self.query_tokens[...], (v * t, *self.query_tokens.shape[1:]))
-    flat = lambda a: None if a is None else a.reshape(v * t, -1)
-    hidden = self.qformer(queries, frame_feats, text_ids=flat(text_ids), text_mask=flat(text_mask),
-                          dropout_key=layers.sub_key(dropout_key, 0))
+    queries = jnp.broadcast_to(self.query_tokens[...], (f, *self.query_tokens.shape[1:]))
+    hidden = self.qformer(queries, features, text_ids=text_ids, text_mask=text_mask,
+                          dropout_key=layers.sub_key(dropout_key, 0))  # [F, Q+L, D]
     num_q = self.query_tokens.shape[1]
-    hidden = hidden.reshape(v, t, *hidden.shape[1:])  # [V, T, Q+L, D]
-    hidden = hidden + self.frame_position_embedding(jnp.arange(t))[None, :, None, :].astype(
-        hidden.dtype)
+
+    # Windows: the frame index (within its video) and packed row of every window position.
+    window, stride = cfg.video.window, cfg.video.stride
+    n_w = num_windows(t, stride)
+    if window == stride:  # windows tile the frames: a reshape, and every row is in one window
+      frame_idx = jnp.arange(n_w * window).reshape(n_w, window)
+      slots = jnp.pad(frame_slot, ((0, 0), (0, n_w * window - t)), constant_values=-1)
+      slots = slots.reshape(v, n_w, window)
+    else:
+      frame_idx = jnp.arange(n_w)[:, None] * stride + jnp.arange(window)[None, :]  # [n_w, W]
+      slots = jnp.where(frame_idx < t, frame_slot[:, jnp.minimum(frame_idx, t - 1)], -1)
+    in_window = slots >= 0  # [V, n_w, W]
+    # Missing frames read out-of-range rows (zeros, masked below). With window == stride every
+    # index is distinct, so the backward pass is a plain scatter, not an accumulation.
+    rows = jnp.where(in_window, slots, f + jnp.arange(slots.size).reshape(slots.shape))
+    rows = rows.reshape(-1)
+    clip_feats = jnp.take(hidden, rows, axis=0, mode="fill", fill_value=0,
+                          unique_indices=window == stride)
+    clip_feats = clip_feats.reshape(v, n_w, window, *hidden.shape[1:])  # [V, n_w, W, Q+L, D]
+    positions = self.frame_position_embedding(jnp.minimum(frame_idx, t - 1))
+    clip_feats = clip_feats + positions[None, :, :, None, :].astype(clip_feats.dtype)
 
     # Which of the Q+L positions the video Q-Former sees: the official model pads the timestamp
     # text of one video to that video's longest string and attends to all of it (pads included),
     # so with a longer static L only positions beyond the video's own longest text are masked.
-    positions = jnp.arange(hidden.shape[2])
+    positions = jnp.arange(hidden.shape[1])
     if text_mask is None or not cfg.video.attend_qformer_text:
-      token_valid = jnp.broadcast_to(positions < num_q, (v, hidden.shape[2]))
+      token_valid = jnp.broadcast_to(positions < num_q, (v, hidden.shape[1]))
     else:
-      frame_valid = jnp.arange(t)[None, :] < num_frames[:, None]
-      text_len = jnp.max(jnp.where(frame_valid, text_mask.sum(-1), 0), axis=1)  # [V]
+      frame_text = jnp.take(text_mask.sum(-1), jnp.maximum(frame_slot, 0), axis=0)  # [V, T]
+      text_len = jnp.max(jnp.where(frame_slot >= 0, frame_text, 0), axis=1)  # [V]
       token_valid = positions[None, :] < (num_q + text_len)[:, None]
 
-    window, stride = cfg.video.window, cfg.video.stride
-    n_w = num_windows(t, stride)
-    frame_idx = jnp.arange(n_w)[:, None] * stride + jnp.arange(window)[None, :]  # [n_w, W]
-    clip_feats = hidden[:, jnp.minimum(frame_idx, t - 1)]  # [V, n_w, W, Q+L, D]
-    in_window = frame_idx[None] < num_frames[:, None, None]  # [V, n_w, W]
     key_mask = in_window[..., None] & token_valid[:, None, None, :]  # [V, n_w, W, Q+L]
     num_vq = self.video_query_tokens.shape[1]
     keys = clip_feats.reshape(v * n_w, -1, clip_feats.shape[-1])
@@ -134,5 +146,5 @@ class VisionTower(nnx.Module):
     out = self.video_qformer(video_queries, keys, encoder_mask=key_mask.reshape(v * n_w, -1),
                              dropout_key=layers.sub_key(dropout_key, 1))
     tokens = sharding.constrain(self.projection(out).reshape(v, n_w * num_vq, -1), ("batch",))
-    window_valid = jnp.arange(n_w)[None, :] * stride < num_frames[:, None]  # [V, n_w]
+    window_valid = in_window[:, :, 0]  # [V, n_w]: a window exists if its first frame does
     return tokens, jnp.repeat(window_valid, num_vq, axis=1)

@@ -2,14 +2,15 @@
 
 Every process assembles its own rows of each global batch (`pipeline.train_dataset`) at the
 smallest buckets that fit them. Before the rows become one global array:
-- the processes agree on the buckets (the maximum of each process's sequence length and
-  video-table size, through the coordinator's key-value store), so every process passes arrays
-  of the same shape and the step compiles once per bucket pair on every host;
-- each process's video table becomes its own block of the global table, and its `video_slot`
-  is offset by the rows of the processes before it (`pipeline.pad_batch`), so a sequence is
-  always spliced with its own videos;
-- the video table is padded to a multiple of the batch shards, so it is split over the devices
-  like the sequences instead of being replicated (every device encoding every video);
+- the processes agree on the buckets (the maximum of each process's sequence length,
+  video-table and frame-table size, through the coordinator's key-value store), so every
+  process passes arrays of the same shape and the step compiles once per bucket triple on every
+  host;
+- each process's video and frame tables become its own blocks of the global tables, and its
+  `video_slot` and `frame_slot` are offset by the rows of the processes before it
+  (`pipeline.pad_batch`), so a sequence is always spliced with its own videos;
+- both tables are padded to a multiple of the batch shards, so they are split over the devices
+  like the sequences instead of being replicated (every device encoding every frame);
 - every array is placed with the sharding of its own shape (batch rows over the `batch` axes).
 
 A background thread keeps `depth` batches on the devices while the current step runs.
@@ -88,18 +89,26 @@ class Feed:
 
   def _globalize(self, batch: dict, n: int) -> dict:
     layout = self._layout
-    seq, videos = batch["input_ids"].shape[1], batch["num_frames"].shape[0]
+    shape = batch_shape(batch)
+    seq, videos, frames = shape
     if jax.process_count() > 1:
-      seq, videos = multihost.agree_max(f"feed/{self._name}/{n}", (seq, videos))
+      seq, videos, frames = multihost.agree_max(f"feed/{self._name}/{n}", shape)
       if n >= 2:
         multihost.forget(f"feed/{self._name}/{n - 2}")  # every process has read it
     # A table the batch shards do not divide would be replicated: every device would encode
-    # every video. Empty padding videos are cheaper (each device encodes its share of them).
-    videos = math.ceil(videos / self._rows_unit) * self._rows_unit
-    first_row = jax.process_index() * videos  # this process's block of the global table
-    if (seq, videos) != (batch["input_ids"].shape[1], batch["num_frames"].shape[0]) or first_row:
-      batch = pad_batch(batch, layout, seq_len=seq, videos=videos, first_video_row=first_row)
+    # every frame. Empty padding rows are cheaper (each device encodes its share of them).
+    videos, frames = (math.ceil(x / self._rows_unit) * self._rows_unit for x in (videos, frames))
+    first = jax.process_index()  # this process's blocks of the global tables
+    if (seq, videos, frames) != shape or first:
+      batch = pad_batch(batch, layout, seq_len=seq, videos=videos, frames=frames,
+                        first_video_row=first * videos, first_frame_row=first * frames)
     return place_batch(batch, self._mesh, self._rules)
+
+
+def batch_shape(batch: dict) -> tuple[int, int, int]:
+  """(sequence length, video-table rows, frame-table rows): what a program is compiled for."""
+  return (batch["input_ids"].shape[1], batch["frame_slot"].shape[0],
+          batch["qformer_text_ids"].shape[0])
 
 
 _END = object()

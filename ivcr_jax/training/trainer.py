@@ -26,7 +26,7 @@ from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.event_file import EventFileWriter
-from ivcr_jax.training.feed import Feed
+from ivcr_jax.training.feed import Feed, batch_shape
 
 HISTORY_FILE = "train_history.json"  # every logged row of the run, kept across resumes
 
@@ -111,10 +111,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
     shapes = set()
     for i in progress:
       batch = next(feed)
-      shape = (batch["input_ids"].shape[1], batch["num_frames"].shape[0])
-      if shape not in shapes:  # a new bucket pair: its program is compiled now
+      shape = batch_shape(batch)
+      if shape not in shapes:  # a new bucket triple: its program is compiled now
         shapes.add(shape)
-        logging.info("step %d: batch shape %dx%d (sequence x video table, global)", i + 1, *shape)
+        logging.info("step %d: batch shape %dx%dx%d (sequence x video table x frame table, "
+                     "global)", i + 1, *shape)
       state, metrics = train_step(state, frozen, batch, key)
       samples_seen += tc.batch_size
       pending.append(metrics)
