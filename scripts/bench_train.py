@@ -178,10 +178,9 @@ def batch_of(encoder: pipeline.SampleEncoder, samples: Sequence[records.Sample])
 
 
 def shape_of(batch: dict) -> str:
-  field = "frames" if "frames" in batch else "features"
   b, s = batch["input_ids"].shape
-  v, t = batch[field].shape[:2]
-  return f"B{b} S{s} V{v}x{t}f"
+  v, t = batch["frame_slot"].shape
+  return f"B{b} S{s} V{v}x{t}f F{len(batch['qformer_text_ids'])}"
 
 
 @dataclasses.dataclass
@@ -261,7 +260,7 @@ def mode_rows(preset: str, runner: Runner, features: str, dialogues: Sequence[Di
         r = ModeRow(preset, name, mode, source, len(samples),
                     sum(int(b["attention_mask"].sum()) for b in batches),
                     sum(b["input_ids"].size for b in batches),
-                    sum(len(b["num_frames"]) for b in batches),
+                    sum(len(b["frame_slot"]) for b in batches),
                     sum(m.flops for m in measured), sum(m.seconds for m in measured))
         rows.append(r)
         print(f"  {preset} {name} {mode}/{source}: {r.samples} samples, {r.tokens} tokens, "

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from configs.interllava import get_config
+from ivcr_jax.data import pipeline
 from ivcr_jax.models import eva_vit
 from ivcr_jax.models.vision_tower import VisionTower
 
@@ -52,21 +53,21 @@ def bench(name: str, cfg, frames: int, repeats: int, peak: float) -> None:
   graphdef, state = nnx.split(tower)
   size = cfg.model.vit.image_size
   rng = np.random.default_rng(0)
-  video = rng.integers(0, 256, (1, frames, size, size, 3), dtype=np.uint8)
+  video = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)  # one video's table
   text_len = 14
-  ids = rng.integers(3, 1000, (1, frames, text_len)).astype(np.int32)
-  mask = np.ones((1, frames, text_len), bool)
-  num = np.array([frames])
+  ids = rng.integers(3, 1000, (frames, text_len)).astype(np.int32)
+  mask = np.ones((frames, text_len), bool)
+  slot = pipeline.frame_slots([frames], 1, frames)
 
   def vit_only(state, video):
     return nnx.merge(graphdef, state).encode_frames(video)
 
-  def branch(state, video, num, ids, mask):
+  def branch(state, video, slot, ids, mask):
     model = nnx.merge(graphdef, state)
-    return model(model.encode_frames(video), num, text_ids=ids, text_mask=mask)[0]
+    return model(model.encode_frames(video), slot, text_ids=ids, text_mask=mask)[0]
 
   for label, fn, args in (("ViT+ln_vision", vit_only, (state, video)),
-                          ("video branch", branch, (state, video, num, ids, mask))):
+                          ("video branch", branch, (state, video, slot, ids, mask))):
     compiled = jax.jit(fn).lower(*args).compile()
     flops = compiled.cost_analysis()["flops"]
     seconds = timed(compiled, *args, repeats=repeats)

@@ -23,6 +23,7 @@ One sample per micro-step as official: a retrieval turn's 10 candidates + 1 vide
 11 per sample, 64 frames each), sequence bucket 4096.
 
   PYTHONPATH=. python scripts/plan_7b.py [--plans h100:1x8x1:1,h100:1x8x1:8,...] [--mfu 0.4]
+  PYTHONPATH=. python scripts/plan_7b.py --preset paper --vision  # padded vs packed frames
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from flax import nnx
 from configs.interllava import get_config
 from ivcr_jax import sharding
 from ivcr_jax.data.pipeline import Layout
-from ivcr_jax.models import eva_vit
+from ivcr_jax.models import eva_vit, trainable
 from ivcr_jax.models.interllava import InterLLaVA
+from ivcr_jax.models.vision_tower import VisionTower
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 
@@ -101,12 +103,12 @@ def plan_config(preset: str, *, mesh: Sequence[int], vit_depth: int | None = Non
   return cfg
 
 
-def abstract_batch(layout: Layout, seq: int, videos: int, item_shape: Sequence[int],
-                   field: str = "frames") -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes and dtypes of `pipeline.assemble`'s batch for one (sequence, video-table)
-  bucket pair."""
+def abstract_batch(layout: Layout, seq: int, videos: int, frames: int,
+                   item_shape: Sequence[int], field: str = "frames"
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of `pipeline.assemble`'s batch for one (sequence, video-table,
+  frame-table) bucket triple (features as a float16 store's)."""
   b, k, d = layout.batch_size, layout.max_numbers, layout.max_digits
-  t, l_ = layout.frames, layout.text_len
   i32, flag, f32 = np.int32, np.bool_, np.float32
   shapes = {
       "input_ids": ((b, seq), i32), "labels": ((b, seq), i32), "video_slot": ((b, seq), i32),
@@ -114,9 +116,10 @@ def abstract_batch(layout: Layout, seq: int, videos: int, item_shape: Sequence[i
       "index_pos": ((b, k), i32), "index_target": ((b, k), i32), "index_valid": ((b, k), flag),
       "span_pos": ((b, k, 2, d), i32), "span_place": ((b, k, 2, d), f32),
       "span_target": ((b, k, 2), f32), "span_valid": ((b, k), flag),
-      field: ((videos, t, *item_shape), np.uint8 if field == "frames" else f32),
-      "num_frames": ((videos,), i32), "qformer_text_ids": ((videos, t, l_), i32),
-      "qformer_text_mask": ((videos, t, l_), flag),
+      field: ((frames, *item_shape), np.uint8 if field == "frames" else np.float16),
+      "frame_slot": ((videos, layout.frames), i32),
+      "qformer_text_ids": ((frames, layout.text_len), i32),
+      "qformer_text_mask": ((frames, layout.text_len), flag),
   }
   return {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in shapes.items()}
 
@@ -164,9 +167,10 @@ def init_memory(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
   return float(mem.output_size_in_bytes + mem.temp_size_in_bytes), float(whole)
 
 
-def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_per_sample: int
-                 ) -> Compiled:
-  """Lowers and compiles the trainer's jitted step for `cfg` on its mesh, shapes only."""
+def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_per_sample: int,
+                 frames_per_sample: int | None = None) -> Compiled:
+  """Lowers and compiles the trainer's jitted step for `cfg` on its mesh, shapes only
+  (`frames_per_sample` frame-table rows; default: every video at full length)."""
   start = time.perf_counter()
   model = nnx.eval_shape(lambda: InterLLaVA(cfg.model, rngs=nnx.Rngs(0)))
   split = step_lib.Split.of(model, cfg.model.trainable)
@@ -176,7 +180,8 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
   state, frozen = abstract_state(split, tx, mesh, rules)
   layout = Layout.from_config(cfg, batch)
   size = cfg.model.vit.image_size
-  batch_sds = abstract_batch(layout, seq, videos_per_sample * batch, (size, size, 3))
+  frames = (frames_per_sample or videos_per_sample * layout.frames) * batch
+  batch_sds = abstract_batch(layout, seq, videos_per_sample * batch, frames, (size, size, 3))
   fn = step_lib.jit_train_step(
       step_lib.make_train_step(split, tx, step_lib.LossConfig.from_config(cfg.train, DIGITS)),
       state, mesh, rules)
@@ -193,7 +198,8 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
       model_bytes)
 
 
-def global_flops(preset: str, seq: int, videos: int, log) -> dict[tuple[int, int], float]:
+def global_flops(preset: str, seq: int, videos: int, frames: int | None, log
+                 ) -> dict[tuple[int, int], float]:
   """XLA FLOPs of one sample's step on one device with unrolled layers at (ViT, LLaMA) depths
   (1, 1), (2, 1), (1, 2), and extrapolated linearly per layer to the preset's depths (XLA
   counts a scanned stack once). On several devices the partitioner may split different depths
@@ -202,7 +208,7 @@ def global_flops(preset: str, seq: int, videos: int, log) -> dict[tuple[int, int
   for depths in ((1, 1), (2, 1), (1, 2)):
     cfg = plan_config(preset, mesh=(1, 1, 1), vit_depth=depths[0], llm_depth=depths[1],
                       scan=False)
-    c = compile_step(cfg, 1, seq, videos)
+    c = compile_step(cfg, 1, seq, videos, frames)
     flops[depths] = c.flops
     log(f"  unrolled depths {depths}: {c.flops / 1e12:.3f} TFLOP (compiled in {c.seconds:.0f} s)")
   m = get_config(preset).model
@@ -211,17 +217,19 @@ def global_flops(preset: str, seq: int, videos: int, log) -> dict[tuple[int, int
   return flops
 
 
-def analytic_flops(model: ml_collections.ConfigDict, seq: int, videos: int, frames: int,
-                   text_len: int) -> dict[str, float]:
+def analytic_flops(model: ml_collections.ConfigDict, seq: int, videos: int, table_frames: int,
+                   frames: int, text_len: int) -> dict[str, float]:
   """Model FLOPs of one sample's step (2 per multiply-add, no remat recompute), "6N-style": a
   matmul costs 1x its forward FLOPs when nothing needs its gradient (the frozen ViT), 2x when
   only one side does (the frozen LLaMA weights carry input gradients; the Q-Former's projections
   of the frozen ViT features carry weight gradients), 3x when both do (the trained Q-Formers,
   projection and LoRA, and every attention score/value product on a gradient path). Attention
-  counts full score matrices, as the XLA attention computes them."""
+  counts full score matrices, as the XLA attention computes them. The ViT and image Q-Former
+  see the `table_frames` rows of the frame table, the video Q-Former `ceil(frames / stride)`
+  windows per video of the table."""
   vit, q, vq, llm = model.vit, model.qformer, model.video_qformer, model.llm
   n_img = 1 + (vit.image_size // vit.patch_size) ** 2
-  f = videos * frames
+  f = table_frames
 
   def bert_layer(tokens: int, queries: int, h: int, mlp: int, kv_tokens: int, kv_width: int,
                  cross: bool) -> tuple[float, float]:
@@ -255,6 +263,53 @@ def analytic_flops(model: ml_collections.ConfigDict, seq: int, videos: int, fram
   return out
 
 
+def vision_flops(preset: str, videos: int, frames: int) -> float:
+  """XLA FLOPs of the vision branch of one training step (the frozen ViT forward, the Q-Formers
+  and projection forward and backward) for a video table of `videos` and a frame table of
+  `frames` rows, on one device; ViT blocks extrapolated from unrolled depths 1 and 2 (the
+  Q-Former layers are a Python loop, counted in full)."""
+  flops = {}
+  for depth in (1, 2):
+    cfg = plan_config(preset, mesh=(1, 1, 1), vit_depth=depth, scan=False)
+    model = nnx.eval_shape(lambda cfg=cfg: VisionTower(cfg.model, rngs=nnx.Rngs(0)))
+    graphdef, train, frozen = trainable.split_trainable(model, cfg.model.trainable)
+    size = cfg.model.vit.image_size
+    batch = abstract_batch(Layout.from_config(cfg, 1), 8, videos, frames, (size, size, 3))
+
+    def loss(train, frozen, batch, graphdef=graphdef):
+      tower = nnx.merge(graphdef, train, frozen)
+      tokens, valid = tower(tower.encode_frames(batch["frames"]), batch["frame_slot"],
+                            text_ids=batch["qformer_text_ids"],
+                            text_mask=batch["qformer_text_mask"])
+      return jnp.sum(jnp.where(valid[..., None], tokens, 0).astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss)).lower(train, frozen, batch).compile()
+    flops[depth] = float(compiled.cost_analysis()["flops"])
+  return flops[1] + (get_config(preset).model.vit.depth - 1) * (flops[2] - flops[1])
+
+
+def frame_table_report(preset: str, log) -> None:
+  """The vision FLOPs of each kind of turn with every video padded to the most frames (T, as
+  before the packed frame table) and with the packed table (its frame bucket)."""
+  cfg = get_config(preset)
+  layout = Layout.from_config(cfg, 1)
+  d, t = cfg.data, layout.frames
+  cases = (("retrieval turn", 10, 10 * d.frames_retrieval),
+           ("moment turn", 1, d.frames_moment),
+           ("retrieval + moment", 11, 10 * d.frames_retrieval + d.frames_moment))
+  print(f"\n### {preset}: vision FLOPs per sample (ViT + Q-Formers + projection, XLA cost "
+        f"analysis), every video padded to {t} frames vs the packed frame table\n")
+  print("| sample | videos | frames padded | TFLOP padded | frames packed (bucket) | TFLOP "
+        "packed | padded / packed |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  for name, videos, real in cases:
+    packed = next(b for b in layout.frame_buckets if b >= real)
+    before, after = vision_flops(preset, videos, videos * t), vision_flops(preset, videos, packed)
+    log(f"  {name}: {before / 1e12:.2f} -> {after / 1e12:.2f} TFLOP")
+    print(f"| {name} | {videos} | {videos * t} | {before / 1e12:.1f} | {real} ({packed}) | "
+          f"{after / 1e12:.1f} | {before / after:.1f}x |")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,9 +318,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="hardware:DATAxFSDPxTENSOR:samples per micro-step, comma-separated")
   parser.add_argument("--seq", type=int, default=4096, help="sequence bucket")
   parser.add_argument("--videos", type=int, default=11, help="video-table rows per sample")
+  parser.add_argument("--frames", type=int, default=0,
+                      help="frame-table rows per sample (0: every video at full length)")
   parser.add_argument("--mfu", type=float, default=0.4)
+  parser.add_argument("--vision", action="store_true",
+                      help="only the vision FLOPs per kind of turn, padded vs packed frames")
   args = parser.parse_args(argv)
   log = lambda text: print(text, flush=True)
+  if args.vision:
+    frame_table_report(args.preset, log)
+    return
   plans = [Plan.parse(p) for p in args.plans.split(",")]
   cfg = get_config(args.preset)
   layout = Layout.from_config(cfg, 1)
@@ -274,15 +336,17 @@ def main(argv: Sequence[str] | None = None) -> None:
       f"{cfg.model.llm.depth}, {cfg.model.dtype} compute; per sample: sequence {args.seq}, "
       f"{args.videos} videos x {layout.frames} frames")
 
+  frames = args.frames or args.videos * layout.frames
   log("global FLOPs per sample (one device):")
-  flops = global_flops(args.preset, args.seq, args.videos, log)
+  flops = global_flops(args.preset, args.seq, args.videos, frames, log)
   depth = (cfg.model.vit.depth, cfg.model.llm.depth)
   total = flops[depth]
-  model_flops = analytic_flops(cfg.model, args.seq, args.videos, layout.frames, layout.text_len)
+  model_flops = analytic_flops(cfg.model, args.seq, args.videos, frames, layout.frames,
+                               layout.text_len)
   rows = []
   for plan in plans:
     c = compile_step(plan_config(args.preset, mesh=plan.mesh), plan.batch, args.seq,
-                     args.videos)
+                     args.videos, frames)
     log(f"  {plan.hardware.name}, mesh {plan.mesh}, {plan.batch} samples: compiled in "
         f"{c.seconds:.0f} s, {c.flops / 1e12:.2f} TFLOP per device (each stack counted once)")
     rows.append((plan, c))
@@ -292,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"{train / 1e6:.1f}M trainable (f32, AdamW moments) + {frozen / 1e9:.3f}B frozen "
         f"({cfg.model.frozen_param_dtype}) parameters, {cfg.model.dtype} compute, remat "
         f"ViT/LLaMA {cfg.model.vit.remat}/{cfg.model.llm.remat}. Per sample: sequence "
-        f"{args.seq}, video table {args.videos} x {layout.frames} frames.\n")
+        f"{args.seq}, video table {args.videos} x {layout.frames} frames, frame table "
+        f"{frames}.\n")
   print(f"FLOPs per sample: XLA {total / 1e12:.1f} TFLOP, extrapolated per layer from "
         "one-device compiles with unrolled layers at (ViT, LLaMA) depths "
         + ", ".join(f"{k}: {v / 1e12:.2f}" for k, v in flops.items() if k != depth)

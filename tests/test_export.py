@@ -20,6 +20,7 @@ from ivcr_jax.convert.mapping import load_into
 from ivcr_jax.convert.sources import SafetensorsSource, TorchFileSource
 from ivcr_jax.convert.vision import qformer_rules, vit_rules
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models.eva_vit import CLIP_MEAN, CLIP_STD
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.models.llama import Llama
@@ -243,9 +244,10 @@ def test_pytorch_assembly_reproduces_interllava_logits(run):
   slot[0, 4:4 + per_video] = np.arange(per_video)
   slot[0, 26:26 + per_video] = per_video + np.arange(per_video)
   ids = rng.integers(3, 1029, (1, seq)).astype(np.int32)
-  batch = {"frames": video, "num_frames": num_frames, "qformer_text_ids": text_ids,
-           "qformer_text_mask": text_mask, "input_ids": ids, "video_slot": slot,
-           "attention_mask": np.ones((1, seq), bool)}
+  pack = lambda x: np.concatenate([x[i, :n] for i, n in enumerate(num_frames)])
+  batch = {"frames": pack(video), "frame_slot": frame_slots(num_frames, v_count, frames),
+           "qformer_text_ids": pack(text_ids), "qformer_text_mask": pack(text_mask),
+           "input_ids": ids, "video_slot": slot, "attention_mask": np.ones((1, seq), bool)}
   want = nnx.jit(lambda model, b: model(b))(run.model, jax.tree.map(jnp.asarray, batch))
 
   vision = InstructBlipVisionModel.from_pretrained(out / "vision").eval()

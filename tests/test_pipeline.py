@@ -88,10 +88,12 @@ def _expected_rows(env, elements, batch):
       n = layout.tokens_per_video(len(frames.indices))
       start = len(ids)
       row = int(batch["video_slot"][i, start]) // per_video
-      # The table row the plan points at holds exactly this video's sampled frames and text.
-      assert batch["num_frames"][row] == len(frames.indices)
-      np.testing.assert_array_equal(batch["frames"][row, :len(frames.indices)], frames.frames)
-      np.testing.assert_array_equal(batch["qformer_text_ids"][row, :len(frames.indices)],
+      # The table row the plan points at names exactly this video's sampled frames and text.
+      frame_rows = batch["frame_slot"][row]
+      assert (frame_rows >= 0).sum() == len(frames.indices)
+      frame_rows = frame_rows[:len(frames.indices)]
+      np.testing.assert_array_equal(batch["frames"][frame_rows], frames.frames)
+      np.testing.assert_array_equal(batch["qformer_text_ids"][frame_rows],
                                     el["qformer_text"][key][0])
       ids += [token] * n
       labels += [IGNORE] * n
@@ -120,7 +122,7 @@ def test_splice_plan_matches_a_hand_reassembly(env):
   model = env.model
   per_video = layout.tokens_per_video(layout.frames)
   assert model.vision.tokens_per_video(layout.frames) == per_video
-  v = batch["frames"].shape[0]
+  v = batch["frame_slot"].shape[0]
   hidden = env.config.model.llm.hidden
   video = np.random.default_rng(0).normal(size=(v, per_video, hidden)).astype(np.float32)
   text = np.asarray(model.llm.embed(batch["input_ids"]))
@@ -142,9 +144,14 @@ def test_each_distinct_video_once_in_the_table(env):
   distinct = {key for el in elements for key in el["videos"]}
   used = {int(x) // per_video for x in batch["video_slot"][batch["video_slot"] >= 0]}
   assert used == set(range(len(distinct)))  # one row per distinct video, packed from row 0
-  contents = {(batch["frames"][r].tobytes(), int(batch["num_frames"][r])) for r in used}
+  slot = batch["frame_slot"]
+  contents = {batch["frames"][slot[r][slot[r] >= 0]].tobytes() for r in used}
   assert len(contents) == len(used)
-  assert (batch["num_frames"][len(used):] == 1).all() and not batch["frames"][len(used):].any()
+  # The frame table holds each video's frames once, one after another, then padding rows.
+  real = sum(len(key[1]) for key in distinct)
+  np.testing.assert_array_equal(np.sort(slot[slot >= 0]), np.arange(real))
+  assert (slot[len(used):] == -1).all() and not batch["frames"][real:].any()
+  assert len(batch["frames"]) in env.data.layout.frame_buckets
 
 
 def _batches(it, k):
@@ -263,6 +270,14 @@ def test_over_long_samples_drop_their_oldest_turns_and_are_counted(env):
   el = encoder(many)
   assert encoder.truncated["too_many_videos"] >= 1
   assert len(set(el["videos"])) <= 10
+  # ... and one showing more frames than its share of the largest frame table.
+  cap = 10 * env.data.layout.frames
+  narrow = dataclasses.replace(env.data.layout,
+                               frame_buckets=(cap * env.data.layout.batch_size,))
+  encoder = _encoder(env, narrow)
+  el = encoder(many)
+  assert encoder.truncated["too_many_frames"] >= 1 and not encoder.truncated["too_many_videos"]
+  assert sum(len(key[1]) for key in set(el["videos"])) <= cap
 
 
 def _turn_sums(logp, labels):
@@ -414,13 +429,15 @@ def test_features_equal_the_vit_of_the_stored_frames(env, features):
     stored = exact[video]
     np.testing.assert_array_equal(stored.indices, frames.indices)
     assert (stored.fps, stored.num_video_frames) == (frames.fps, frames.num_video_frames)
-    want = np.asarray(encode(frames.frames[None]))[0]
+    want = np.asarray(encode(frames.frames))
     np.testing.assert_allclose(stored.features, want, rtol=1e-5, atol=1e-5)
-    # Half-size storage is exactly the float32 features rounded once.
-    np.testing.assert_array_equal(features["float16"][video].features,
-                                  stored.features.astype(np.float16).astype(np.float32))
+    # Half-size storage is exactly the float32 features rounded once, and is read as stored.
+    half = features["float16"][video].features
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, stored.features.astype(np.float16))
     bf16 = np.asarray(jax.numpy.asarray(stored.features).astype(jax.numpy.bfloat16))
-    np.testing.assert_array_equal(features["bfloat16"][video].features, bf16.astype(np.float32))
+    assert features["bfloat16"][video].features.dtype == bf16.dtype
+    np.testing.assert_array_equal(features["bfloat16"][video].features, bf16)
 
 
 def test_model_output_from_features_equals_output_from_frames(env, features):
@@ -432,10 +449,16 @@ def test_model_output_from_features_equals_output_from_frames(env, features):
   a = pipeline.assemble([from_frames(s, 2) for s in samples], env.data.layout)
   b = pipeline.assemble([from_features(s, 2) for s in samples], env.data.layout)
   assert "frames" not in b and b["features"].dtype == np.float32
-  assert b["features"].shape[:2] == a["frames"].shape[:2]
+  assert len(b["features"]) == len(a["frames"])
   for key in a.keys() - {"frames"}:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   np.testing.assert_allclose(env.forward(b), env.forward(a), rtol=1e-4, atol=1e-4)
+  # A float16 store's features reach the device as float16 (half the host bytes and transfer).
+  half = _encoder(env, training=True, feature_store=features["float16"],
+                  vit_fingerprint=fingerprint)
+  c = pipeline.assemble([half(s, 2) for s in samples], env.data.layout)
+  assert c["features"].dtype == np.float16
+  np.testing.assert_allclose(env.forward(c), env.forward(b), rtol=1e-2, atol=1e-2)
 
 
 def test_a_feature_store_of_other_vit_weights_is_refused(env, features):

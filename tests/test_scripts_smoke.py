@@ -38,16 +38,16 @@ def test_bench_train_step(toy):
   # XLA's count of the unrolled step and plan_7b's analytic count agree (no remat at tiny).
   analytic = plan_7b.analytic_flops(experiment.model_config(config, data.tokenizer),
                                     batch["input_ids"].shape[1],
-                                    len(batch["num_frames"]), data.layout.frames,
-                                    data.layout.text_len)["total"]
+                                    len(batch["frame_slot"]), len(batch["frames"]),
+                                    data.layout.frames, data.layout.text_len)["total"]
   assert 0.8 < m.flops / analytic < 1.5
 
 
 def test_plan_7b_compiles_abstract_step(toy):
   config, data, batch = toy
-  seq, videos = batch["input_ids"].shape[1], len(batch["num_frames"])
+  seq, videos, frames = batch["input_ids"].shape[1], len(batch["frame_slot"]), len(batch["frames"])
   size = config.model.vit.image_size
-  abstract = plan_7b.abstract_batch(data.layout, seq, videos, (size, size, 3))
+  abstract = plan_7b.abstract_batch(data.layout, seq, videos, frames, (size, size, 3))
   assert {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()} == {
       k: (v.shape, v.dtype) for k, v in batch.items()}
 
@@ -98,3 +98,10 @@ def test_ablation_pairs_the_settings_and_aggregates_over_seeds(tmp_path, monkeyp
   assert "| aux losses (preset's α, β) | 3 | 0.600 ± 0.100 |" in report
   ablate_aux_losses.main(argv)  # finished runs are not trained again
   assert len(commands) == 6
+
+
+def test_plan_7b_vision_flops_follow_the_frame_table():
+  """The packed frame table is what the vision branch computes on: a quarter of the frames,
+  well under half the FLOPs (the windows of the video table stay)."""
+  padded, packed = plan_7b.vision_flops("tiny", 2, 32), plan_7b.vision_flops("tiny", 2, 8)
+  assert packed > 0 and padded / packed > 2.5

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ivcr_jax import sharding
+from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import feed, optimizer
 from ivcr_jax.training import step as step_lib
@@ -38,11 +39,13 @@ def synthetic_batch(cfg, model, *, batch=4, videos=4, frames=12, seq=96, seed=0)
   ids[:, 64:66] = [DIGITS[1], DIGITS[5]]
   labels[:, 40:70] = ids[:, 40:70]
   text_len = 6
+  counts = [frames, frames - 3, frames, 5][:videos]
+  table = sum(counts) + 2  # the packed frame table, with two padding rows
   return {
-      "frames": rng.integers(0, 256, (videos, frames, size, size, 3), dtype=np.uint8),
-      "num_frames": np.array([frames, frames - 3, frames, 5][:videos], np.int32),
-      "qformer_text_ids": rng.integers(3, 60, (videos, frames, text_len)).astype(np.int32),
-      "qformer_text_mask": np.ones((videos, frames, text_len), bool),
+      "frames": rng.integers(0, 256, (table, size, size, 3), dtype=np.uint8),
+      "frame_slot": frame_slots(counts, videos, frames),
+      "qformer_text_ids": rng.integers(3, 60, (table, text_len)).astype(np.int32),
+      "qformer_text_mask": np.ones((table, text_len), bool),
       "input_ids": ids, "video_slot": slot, "labels": labels,
       "attention_mask": np.ones((batch, seq), bool),
       "index_pos": np.full((batch, 1), 50, np.int32),
@@ -163,7 +166,7 @@ def test_model_activations_are_constrained_to_the_batch_axes(tiny_config):
     cfg.mesh.shape = (2, 2, 2)
   mesh = sharding.make_mesh(cfg.mesh)
   model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
-  batch = synthetic_batch(cfg, model)  # 4 sequences of 96, 4 videos x 12 frames
+  batch = synthetic_batch(cfg, model)  # 4 sequences of 96, 4 videos, a table of 40 frames
   graphdef, state = nnx.split(model)
   forward = lambda state, batch: nnx.merge(graphdef, state)(batch)
   lowered = lambda fn: jax.jit(fn).lower(state, batch).as_text()
@@ -172,8 +175,8 @@ def test_model_activations_are_constrained_to_the_batch_axes(tiny_config):
   lines = [line for line in lowered(in_context).splitlines() if "sharding_constraint" in line]
   assert lines and all('[{"data", "fsdp"}, {}' in line for line in lines)
   hidden = cfg.model.llm.hidden
-  for shape in ("48x32x32x3",  # ViT frames (4 videos x 12)
-                f"48x{1 + (32 // 8) ** 2}x{cfg.model.vit.width}",  # ViT output, image Q-Former
+  for shape in ("40x32x32x3",  # ViT frames (the packed table)
+                f"40x{1 + (32 // 8) ** 2}x{cfg.model.vit.width}",  # ViT output, image Q-Former
                 f"8x{8 * 14}x{cfg.model.qformer.hidden}",  # video Q-Former keys (8 windows)
                 f"4x96x{hidden}"):  # LLaMA input embeddings and hidden states
     assert any(f"tensor<{shape}x" in line for line in lines), shape
