@@ -2,6 +2,7 @@
 attention implementations every stack shares."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,16 +130,34 @@ def test_packed_segments_equal_separate_sequences(pair):
   assert_close(out[7:], np.asarray(model(jnp.asarray(b[None])))[0])
 
 
-def test_unrolled_layers_and_remat_match_scan():
+def _policies(jaxpr):
+  """The `jax.checkpoint` policies in `jaxpr` and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    if "policy" in eqn.params:
+      yield eqn.params["policy"]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _policies(sub)
+
+
+def test_unrolled_layers_and_remat_policies_match_scan():
+  """Unrolled layers and every remat policy give the scanned, remat-free outputs and input
+  gradients, and each policy reaches `jax.checkpoint`."""
   hf = torch_llama("gqa")
   cfg = model_config(hf)
   ids = jnp.asarray(np.random.default_rng(3).integers(0, 96, (1, 13)))
-  ref = from_torch(hf, cfg)(ids)
-  cfg.llm.update(scan_layers=False, remat=True)
-  model = from_torch(hf, cfg)
-  np.testing.assert_allclose(model(ids), ref, atol=1e-6, rtol=0)
-  grad = jax.grad(lambda m: m(ids).sum())(model)
-  assert np.isfinite(np.asarray(grad.layers.mlp.up_proj.kernel[...])).all()
+  embeds = from_torch(hf, cfg).embed(ids)
+  grad_of = lambda m: jax.grad(lambda e: jnp.sum(m(inputs_embeds=e) ** 2) / 1e3)
+  ref_model = from_torch(hf, cfg)
+  ref, ref_grad = ref_model(ids), grad_of(ref_model)(embeds)
+  for scan, policy in ((False, "full"), (True, "minimal"), (True, "offload")):
+    cfg.llm.update(scan_layers=scan, remat_policy=policy)
+    model = from_torch(hf, cfg)
+    np.testing.assert_allclose(model(ids), ref, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(grad_of(model)(embeds), ref_grad, atol=1e-6, rtol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda e, model=model: model(inputs_embeds=e))(embeds).jaxpr
+    assert layers.remat_policy(policy) in _policies(jaxpr), policy
+  with pytest.raises(ValueError, match="choose one of"):
+    layers.remat_policy("some")
 
 
 def _reference_attention(q, k, v, visible):

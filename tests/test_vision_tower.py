@@ -130,14 +130,32 @@ def test_dropout_only_in_training_and_remat_keeps_gradients(tiny_config):
   assert eval_a == eval_b and train_a == train_b and train_a != eval_a
   assert loss(state, jax.random.key(2)) != train_a
   grads = jax.jit(jax.grad(make_loss(graphdef)))(state, jax.random.key(1))
-  with cfg.unlocked():
-    cfg.model.qformer.remat = cfg.model.video_qformer.remat = cfg.model.vit.remat = True
-  remat_graphdef, _ = nnx.split(_tower(cfg))
-  remat_grads = jax.jit(jax.grad(make_loss(remat_graphdef)))(state, jax.random.key(1))
-  for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(remat_grads),
-                               strict=True):
-    np.testing.assert_allclose(np.asarray(r[...]), np.asarray(g[...]), atol=1e-5,
-                               err_msg=str(path))
+  for policy in ("full", "minimal"):
+    with cfg.unlocked():
+      cfg.model.qformer.remat_policy = cfg.model.video_qformer.remat_policy = policy
+    remat_graphdef, _ = nnx.split(_tower(cfg))
+    remat_grads = jax.jit(jax.grad(make_loss(remat_graphdef)))(state, jax.random.key(1))
+    for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(remat_grads),
+                                 strict=True):
+      np.testing.assert_allclose(np.asarray(r[...]), np.asarray(g[...]), atol=1e-5,
+                                 err_msg=f"{policy} {path}")
+
+
+def test_a_frozen_vit_is_never_rematerialised(tiny_config):
+  """`vit.remat_policy` applies only when the ViT is trained (the demo): a frozen ViT keeps no
+  activations for a backward pass, so recomputing them would only cost time."""
+  cfg = tiny_config.copy_and_resolve_references()
+  frames = jnp.zeros((2, cfg.model.vit.image_size, cfg.model.vit.image_size, 3), jnp.uint8)
+  for groups, policy in ((cfg.model.trainable, "none"), (("vit", "qformer"), "full")):
+    with cfg.unlocked():
+      cfg.model.vit.remat_policy = "full"
+      cfg.model.trainable = groups
+    tower = _tower(cfg)
+    assert tower.vit.remat_policy == policy
+    jaxpr = jax.make_jaxpr(lambda f, tower=tower: tower.encode_frames(f))(frames).jaxpr
+    scan = next(e for e in jaxpr.eqns if e.primitive.name == "scan")  # the blocks
+    remat = [e for e in scan.params["jaxpr"].jaxpr.eqns if "policy" in e.params]
+    assert len(remat) == (policy != "none")
 
 
 def test_sharded_tower_equals_unsharded(tiny_config):

@@ -43,6 +43,9 @@ def _model() -> ml_collections.ConfigDict:
   # Parts ("vision", "llm") whose dense kernels are drawn with std 1/sqrt(fan_in) instead of the
   # official modules' 0.02; only matters when training from scratch (see layers.fan_in_init).
   m.fan_in_init = ()
+  # Each stack's `remat_policy` (layers.remat) chooses the activations kept for the backward
+  # pass: "none" | "full" (recompute everything) | "minimal" (keep matmul outputs) | "offload"
+  # (minimal, kept in pinned host memory).
   # Attention of every stack (layers.attention): "xla" (portable) | "cudnn" (fused GPU kernel,
   # bf16/fp16) | "tpu_splash" (Pallas splash kernel) | "auto" (per backend: TPU splash, GPU
   # cuDNN for bf16/fp16, else xla). Dropout (Q-Former training) and decoding always run on xla.
@@ -50,7 +53,8 @@ def _model() -> ml_collections.ConfigDict:
 
   m.vit = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144,
-      ln_eps=1e-6, ln_vision_eps=1e-5, remat=True,
+      ln_eps=1e-6, ln_vision_eps=1e-5,
+      remat_policy="none",  # only when the ViT is trained (demo); a frozen ViT has no backward
       scan_layers=True))  # lax.scan over blocks (False: unrolled)
 
   # One hidden size for both Q-Formers (the video Q-Former reads the image Q-Former's output).
@@ -58,20 +62,21 @@ def _model() -> ml_collections.ConfigDict:
   m.qformer = ml_collections.ConfigDict(dict(
       hidden=hidden, depth=12, heads=12, mlp_dim=3072, num_query_tokens=32,
       cross_attention_freq=2, vocab_size=30523, max_position=512, ln_eps=1e-12,
-      dropout=0.1, attention_dropout=0.1, text_input=True, remat=False))
+      dropout=0.1, attention_dropout=0.1, text_input=True, remat_policy="none"))
   m.video = ml_collections.ConfigDict(dict(
       max_frame_pos=64, window=32, stride=32,
       # Official (bug B3): the video Q-Former attends to the image Q-Former's text positions too.
       attend_qformer_text=True))
   m.video_qformer = ml_collections.ConfigDict(dict(
       hidden=hidden, depth=2, heads=12, mlp_dim=3072, num_query_tokens=32,
-      cross_attention_freq=1, ln_eps=1e-12, dropout=0.1, attention_dropout=0.1, remat=False))
+      cross_attention_freq=1, ln_eps=1e-12, dropout=0.1, attention_dropout=0.1,
+      remat_policy="none"))
 
   m.llm = ml_collections.ConfigDict(dict(
       vocab_size=32005,  # Llama-2's 32000 + <VID> </VID> <VIDEO> </VIDEO> <VIDEOTOKEN>
       hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128, mlp_dim=11008,
       rms_eps=1e-5, rope_theta=10000.0, rope_scaling_factor=1.0, max_position=4096,
-      remat=True, scan_layers=True))
+      remat_policy="full", scan_layers=True))
   m.lora = ml_collections.ConfigDict(dict(
       rank=32, alpha=32.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
   # Parameter groups that are trained (ivcr_jax.models.trainable); the rest is frozen.
@@ -225,11 +230,11 @@ def _shrink(c: ml_collections.ConfigDict, preset: str) -> None:
   """CPU-sized models; `small` is SPEC §5's benchmark config."""
   m = c.model
   m.dtype = m.param_dtype = m.frozen_param_dtype = "float32"
-  m.vit.update(dict(width=256, depth=4, heads=4, mlp_dim=1117, remat=False))
+  m.vit.update(dict(width=256, depth=4, heads=4, mlp_dim=1117))
   m.qformer.update(dict(hidden=256, depth=4, heads=4, mlp_dim=1024))
   m.video_qformer.update(dict(heads=4, mlp_dim=1024))
   m.llm.update(dict(hidden=256, depth=4, heads=4, kv_heads=4, head_dim=64, mlp_dim=688,
-                    remat=False))
+                    remat_policy="none"))
   if preset == "small":
     return
   # tiny and demo: small enough for unit tests and a CPU training run in minutes.

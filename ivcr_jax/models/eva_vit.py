@@ -62,8 +62,13 @@ class EvaViT(nnx.Module):
   """Images `[N, H, W, 3]` (CLIP-normalised) -> `ln_vision(ViT(x))` `[N, 1 + (H/p)^2, width]`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, attention_impl: str = "xla", rngs: nnx.Rngs):
+               param_dtype=jnp.float32, attention_impl: str = "xla", trained: bool = False,
+               rngs: nnx.Rngs):
+    """`trained`: whether the ViT is differentiated (else `cfg.remat_policy` is ignored: a
+    frozen ViT keeps no activations for a backward pass, so remat would only recompute)."""
     self.cfg = cfg
+    self.remat_policy = cfg.remat_policy if trained else "none"
+    layers.remat_policy(cfg.remat_policy)  # validated either way
     self.dtype = dtype
     width, patch = cfg.width, cfg.patch_size
     grid = cfg.image_size // patch
@@ -103,7 +108,8 @@ class EvaViT(nnx.Module):
     x = x + self.pos_embed[...].astype(x.dtype)
     x = layers.scan_layers(self.blocks, x,
                            lambda blk, h, _: sharding.constrain(blk(h), ("batch",)),
-                           num_layers=self.cfg.depth, dropout_key=None, remat=self.cfg.remat,
+                           num_layers=self.cfg.depth, dropout_key=None,
+                           remat_policy=self.remat_policy,
                            unroll=not self.cfg.scan_layers)
     return sharding.constrain(self.ln_vision(x.astype(jnp.float32)), ("batch",))
 

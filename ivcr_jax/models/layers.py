@@ -301,14 +301,43 @@ def _splash_kernel(heads: int, lq: int, s: int, causal: bool, interpret: bool):
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+_REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+          "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device",
+                                                                            "pinned_host")}
+REMAT_POLICIES = tuple(_REMAT)
+
+
+def remat_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy of a `remat_policy` name (None: `none`, no remat; see
+  `remat`)."""
+  if name not in _REMAT:
+    raise ValueError(f"remat_policy {name!r}; choose one of {', '.join(REMAT_POLICIES)}")
+  return _REMAT[name]
+
+
+def remat(fn: Callable, policy: str, **kwargs) -> Callable:
+  """`fn` with its activations for the backward pass chosen by `policy`:
+  - `none`: all kept (fastest, most memory);
+  - `full`: only the inputs kept, everything recomputed;
+  - `minimal` (MaxText's): the outputs of matmuls without batch dimensions (the projections
+    and MLPs) kept, the cheap element-wise work and the attention scores recomputed;
+  - `offload`: as `minimal`, with the kept matmul outputs moved to pinned host memory (backends
+    with host memory spaces: GPU, TPU, and XLA:CPU).
+  """
+  saved = remat_policy(policy)
+  return fn if saved is None else jax.checkpoint(fn, policy=saved, **kwargs)
+
+
 def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: int,
-                dropout_key: jax.Array | None, remat: bool, unroll: bool = False) -> jax.Array:
+                dropout_key: jax.Array | None, remat_policy: str = "none",
+                unroll: bool = False) -> jax.Array:
   """Runs `fn(block, x, key) -> x` over layer-stacked `blocks` with `lax.scan`.
 
   Scanned, one compiled block serves any depth (fast compiles for 39/32-layer stacks);
   `unroll=True` inlines every layer instead (slower compiles, whole-program scheduling, and XLA
-  cost analysis that counts every layer). `remat` rematerialises each block's activations in the
-  backward pass.
+  cost analysis that counts every layer). Each block's activations for the backward pass follow
+  `remat_policy` (`remat`).
   """
   graphdef, state = nnx.split(blocks)
   keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
@@ -317,8 +346,7 @@ def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: i
     layer_state, key = inputs
     return fn(nnx.merge(graphdef, layer_state), carry, key), None
 
-  if remat:
-    body = jax.checkpoint(body, prevent_cse=False)
+  body = remat(body, remat_policy, prevent_cse=False)
   x, _ = jax.lax.scan(body, x, (state, keys), unroll=num_layers if unroll else 1)
   return x
 

@@ -297,7 +297,7 @@ class Llama(nnx.Module):
     x = self._run_layers(
         x, lambda blk, h, key: sharding.constrain(
             blk(h, cos, sin, mask, dropout_key=key)[0], ("batch",)),
-        dropout_key=dropout_key, remat=self.cfg.remat)
+        dropout_key=dropout_key, remat_policy=self.cfg.remat_policy)
     return self.norm(x)
 
   def decode(self, inputs_embeds: jax.Array, *, position_ids: jax.Array,
@@ -320,14 +320,14 @@ class Llama(nnx.Module):
 
     x, k, v, _ = self._run_layers(
         (inputs_embeds.astype(self.dtype), cache.k, cache.v, jnp.int32(0)), layer,
-        dropout_key=None, remat=False)
+        dropout_key=None)
     return self.norm(x), KVCache(k, v, valid, cache.index + length)
 
-  def _run_layers(self, carry, fn, *, dropout_key: jax.Array | None, remat: bool):
+  def _run_layers(self, carry, fn, *, dropout_key: jax.Array | None, remat_policy: str = "none"):
     """`fn(block, carry, key) -> carry` over the stacked blocks (scanned, or unrolled when
     `scan_layers` is off)."""
     return layers.scan_layers(self.layers, carry, fn, num_layers=self.cfg.depth,
-                              dropout_key=dropout_key, remat=remat,
+                              dropout_key=dropout_key, remat_policy=remat_policy,
                               unroll=not self.cfg.get("scan_layers", True))
 
   def _inputs(self, input_ids, inputs_embeds) -> jax.Array:

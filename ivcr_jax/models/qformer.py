@@ -163,8 +163,9 @@ class QFormer(nnx.Module):
                        layers.sub_key(dropout_key, 0)).astype(self.dtype)
     x = sharding.constrain(x, batch_axes)
     encoder = sharding.constrain(encoder.astype(self.dtype), batch_axes)
-    call = (nnx.remat(QFormerLayer.__call__, static_argnums=(5,)) if self.cfg.remat
-            else QFormerLayer.__call__)
+    policy = layers.remat_policy(self.cfg.remat_policy)
+    call = (QFormerLayer.__call__ if policy is None
+            else nnx.remat(QFormerLayer.__call__, static_argnums=(5,), policy=policy))
     for i, layer in enumerate(self.layers):
       x = sharding.constrain(call(layer, x, mask, encoder, encoder_mask, num_queries,
                                   layers.sub_key(dropout_key, i + 1)), batch_axes)

@@ -51,7 +51,7 @@ class VisionTower(nnx.Module):
       raise ValueError(f"video_qformer.hidden {vcfg.hidden} != qformer.hidden {hidden}")
     attn = cfg.attention_impl
     self.vit = EvaViT(cfg.vit, dtype=dtype, param_dtype=jnp.dtype(cfg.frozen_param_dtype),
-                      attention_impl=attn, rngs=rngs)
+                      attention_impl=attn, trained="vit" in cfg.trainable, rngs=rngs)
     self.qformer = QFormer(qcfg, encoder_width=cfg.vit.width, text_input=qcfg.text_input,
                            dtype=dtype, param_dtype=param_dtype, attention_impl=attn, rngs=rngs)
     self.query_tokens = layers.param(rngs, nnx.initializers.normal(0.02),
