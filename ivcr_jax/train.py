@@ -39,6 +39,7 @@ _INITIALIZE = multihost.define_flags()
 def train(config, workdir: str) -> trainer.Result:
   """Builds the data and model of `config` and trains (library entry for notebooks/tests)."""
   experiment.check_inputs(config)
+  experiment.use_compilation_cache(config)
   os.makedirs(workdir, exist_ok=True)
   if multihost.is_main():
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -41,6 +41,34 @@ def test_official_and_paper_settings():
     interllava.get_config("huge")
 
 
+def test_compilation_cache_is_on_for_the_accelerator_presets(tmp_path):
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  from ivcr_jax import experiment
+
+  assert all(interllava.get_config(p).jax_compilation_cache_dir for p in ("official", "paper"))
+  assert not any(interllava.get_config(p).jax_compilation_cache_dir
+                 for p in ("small", "tiny", "demo"))
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.jit(lambda x: x + 1)(1)  # a process that has compiled before: the cache still applies
+  try:
+    config = interllava.get_config("tiny")
+    assert experiment.use_compilation_cache(config) == ""
+    assert jax.config.jax_compilation_cache_dir == before[0]  # off: untouched
+    with config.unlocked():
+      config.jax_compilation_cache_dir = str(tmp_path / "cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    assert experiment.use_compilation_cache(config) == str(tmp_path / "cache")
+    jax.jit(lambda x: x * 3 + 2)(1)
+    assert list((tmp_path / "cache").iterdir())  # the program was written there
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()
+
+
 def test_command_line_overrides_are_type_checked():
   argv = ["prog", "--config=configs/interllava.py:tiny", "--config.model.vit.depth=3",
           "--config.model.qformer.hidden=32"]

@@ -304,6 +304,7 @@ def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
   if official_denominators is None:
     official_denominators = ev_cfg.official_denominators
   experiment.check_inputs(config)
+  experiment.use_compilation_cache(config)
   data = experiment.open_data(config, workdir)
   denominators = None
   if official_denominators:
