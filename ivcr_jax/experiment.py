@@ -155,8 +155,7 @@ def use_compilation_cache(config: ml_collections.ConfigDict) -> str:
   path = os.path.expanduser(config.jax_compilation_cache_dir)
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
-    # JAX decides on its first compile whether the process uses a cache: decide again.
-    compilation_cache.reset_cache()
+    compilation_cache.reset_cache()  # a cache JAX opened before (another directory) is closed
   return path
 
 

@@ -52,17 +52,17 @@ def test_compilation_cache_is_on_for_the_accelerator_presets(tmp_path):
                  for p in ("small", "tiny", "demo"))
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.jit(lambda x: x + 1)(1)  # a process that has compiled before: the cache still applies
   try:
     config = interllava.get_config("tiny")
     assert experiment.use_compilation_cache(config) == ""
     assert jax.config.jax_compilation_cache_dir == before[0]  # off: untouched
-    with config.unlocked():
-      config.jax_compilation_cache_dir = str(tmp_path / "cache")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    assert experiment.use_compilation_cache(config) == str(tmp_path / "cache")
-    jax.jit(lambda x: x * 3 + 2)(1)
-    assert list((tmp_path / "cache").iterdir())  # the program was written there
+    for i, name in enumerate(("first", "second")):  # the second replaces an open cache
+      with config.unlocked():
+        config.jax_compilation_cache_dir = str(tmp_path / name)
+      assert experiment.use_compilation_cache(config) == str(tmp_path / name)
+      jax.jit(lambda x, i=i: x * 3 + i)(1)
+      assert list((tmp_path / name).iterdir())  # the program was written there
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
