@@ -9,7 +9,7 @@ import pytest
 
 from ivcr_jax import experiment
 from ivcr_jax.data import records
-from scripts import bench_train, plan_7b, probe_binding
+from scripts import bench_gpu_step, bench_train, plan_7b, probe_binding
 
 
 def _no_dropout(cfg):
@@ -105,3 +105,10 @@ def test_plan_7b_vision_flops_follow_the_frame_table():
   well under half the FLOPs (the windows of the video table stay)."""
   padded, packed = plan_7b.vision_flops("tiny", 2, 32), plan_7b.vision_flops("tiny", 2, 8)
   assert packed > 0 and padded / packed > 2.5
+
+
+def test_bench_gpu_step_runs_and_skips_what_this_backend_lacks(capsys):
+  rows = bench_gpu_step.main(["--preset", "tiny", "--impls", "xla,cudnn", "--seq", "256",
+                              "--videos", "2", "--steps", "1"])
+  assert [r["impl"] for r in rows] == ["xla"] and rows[0]["finite"] and rows[0]["tokens/s"] > 0
+  assert "cudnn: skipped" in capsys.readouterr().out  # float32 tiny model: no cuDNN kernel
