@@ -124,8 +124,8 @@ class VisionTower(nnx.Module):
     clip_feats = jnp.take(hidden, rows, axis=0, mode="fill", fill_value=0,
                           unique_indices=window == stride)
     clip_feats = clip_feats.reshape(v, n_w, window, *hidden.shape[1:])  # [V, n_w, W, Q+L, D]
-    positions = self.frame_position_embedding(jnp.minimum(frame_idx, t - 1))
-    clip_feats = clip_feats + positions[None, :, :, None, :].astype(clip_feats.dtype)
+    frame_pos = self.frame_position_embedding(jnp.minimum(frame_idx, t - 1))  # [n_w, W, D]
+    clip_feats = clip_feats + frame_pos[None, :, :, None, :].astype(clip_feats.dtype)
 
     # Which of the Q+L positions the video Q-Former sees: the official model pads the timestamp
     # text of one video to that video's longest string and attends to all of it (pads included),
