@@ -141,6 +141,34 @@ def test_dropout_only_in_training_and_remat_keeps_gradients(tiny_config):
                                  err_msg=f"{policy} {path}")
 
 
+def test_frame_chunks_equal_the_whole_table(tiny_config):
+  """The ViT and image Q-Former over the frame table in 3 chunks (rematerialised, a table
+  that 3 does not divide) give the tokens and gradients of one pass over the whole table."""
+  cfg = tiny_config.copy_and_resolve_references()
+  size = cfg.model.vit.image_size
+  frames = np.random.default_rng(4).integers(0, 256, (2, 9, size, size, 3), dtype=np.uint8)
+  _, ids, mask = _inputs(cfg, [9, 5], [[4] * 9, [6] * 5], 9, 6)
+  frames, ids, mask, slot = _packed([9, 5], frames, ids, mask)  # 14 rows
+  results = []
+  for chunks, policy in ((1, "none"), (3, "full")):
+    with cfg.unlocked():
+      cfg.model.video.frame_chunks, cfg.model.qformer.remat_policy = chunks, policy
+    graphdef, state = nnx.split(_tower(cfg))
+
+    def loss(state, frames, graphdef=graphdef):
+      tower = nnx.merge(graphdef, state)
+      tokens, valid = tower(tower.encode_frames(frames), slot, text_ids=ids, text_mask=mask)
+      return jnp.sum(jnp.where(valid[..., None], tokens, 0.0) ** 2), tokens
+
+    (_, tokens), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state, frames)
+    results.append((tokens, nnx.to_flat_state(grads)))
+  (want, want_grads), (got, got_grads) = results
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+  for (path, g), (_, w) in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(np.asarray(g[...]), np.asarray(w[...]), atol=2e-5,
+                               err_msg=str(path))
+
+
 def test_a_frozen_vit_is_never_rematerialised(tiny_config):
   """`vit.remat_policy` applies only when the ViT is trained (the demo): a frozen ViT keeps no
   activations for a backward pass, so recomputing them would only cost time."""

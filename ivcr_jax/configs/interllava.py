@@ -65,6 +65,10 @@ def _model() -> ml_collections.ConfigDict:
       dropout=0.1, attention_dropout=0.1, text_input=True, remat_policy="none"))
   m.video = ml_collections.ConfigDict(dict(
       max_frame_pos=64, window=32, stride=32,
+      # The ViT and image Q-Former run over the frame table in this many sequential chunks
+      # (each rematerialised by its stack's remat_policy): their activations exist one chunk
+      # at a time. 1: the whole table at once.
+      frame_chunks=1,
       # Official (bug B3): the video Q-Former attends to the image Q-Former's text positions too.
       attend_qformer_text=True))
   m.video_qformer = ml_collections.ConfigDict(dict(

@@ -329,6 +329,17 @@ def remat(fn: Callable, policy: str, **kwargs) -> Callable:
   return fn if saved is None else jax.checkpoint(fn, policy=saved, **kwargs)
 
 
+def remat_module(fn: Callable, module: nnx.Module, policy: str) -> Callable:
+  """`lambda *args: fn(module, *args)` rematerialised by `policy` (`remat`), with the module's
+  state an explicit input of the checkpointed function: plain JAX, so it also works inside
+  other JAX transforms (an NNX transform would update the module across trace levels)."""
+  if remat_policy(policy) is None:
+    return functools.partial(fn, module)
+  graphdef, state = nnx.split(module)
+  run = remat(lambda state, *args: fn(nnx.merge(graphdef, state), *args), policy)
+  return functools.partial(run, state)
+
+
 def scan_layers(blocks: nnx.Module, x: jax.Array, fn: Callable, *, num_layers: int,
                 dropout_key: jax.Array | None, remat_policy: str = "none",
                 unroll: bool = False) -> jax.Array:

@@ -163,10 +163,10 @@ class QFormer(nnx.Module):
                        layers.sub_key(dropout_key, 0)).astype(self.dtype)
     x = sharding.constrain(x, batch_axes)
     encoder = sharding.constrain(encoder.astype(self.dtype), batch_axes)
-    policy = layers.remat_policy(self.cfg.remat_policy)
-    call = (QFormerLayer.__call__ if policy is None
-            else nnx.remat(QFormerLayer.__call__, static_argnums=(5,), policy=policy))
+    run = lambda layer, x, mask, encoder, encoder_mask, key: layer(
+        x, mask, encoder, encoder_mask, num_queries, key)
     for i, layer in enumerate(self.layers):
-      x = sharding.constrain(call(layer, x, mask, encoder, encoder_mask, num_queries,
+      call = layers.remat_module(run, layer, self.cfg.remat_policy)
+      x = sharding.constrain(call(x, mask, encoder, encoder_mask,
                                   layers.sub_key(dropout_key, i + 1)), batch_axes)
     return x

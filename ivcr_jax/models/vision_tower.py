@@ -76,9 +76,33 @@ class VisionTower(nnx.Module):
 
     This is the frozen part; its output is what the feature store caches.
     """
-    if frames.dtype == jnp.uint8:
-      frames = clip_normalize(frames, jnp.dtype(self.cfg.dtype))
-    return self.vit(frames)
+
+    def encode(tower, frames):
+      if frames.dtype == jnp.uint8:
+        frames = clip_normalize(frames, jnp.dtype(tower.cfg.dtype))
+      return tower.vit(frames)
+
+    return self._in_chunks(encode, frames, policy=self.vit.remat_policy)
+
+  def _in_chunks(self, fn, *tables: jax.Array, policy: str):
+    """`fn(tower, *tables)` over rows of frame tables, in `video.frame_chunks` sequential chunks
+    (a `lax.map`), each rematerialised by `policy` for the backward pass: the frame table's
+    activations then exist one chunk at a time. Chunk `i` holds rows `i, i + n, i + 2n, ...`,
+    spread over the devices like the table itself. `fn` is row-wise (rows do not interact)."""
+    n = self.cfg.video.frame_chunks
+    if n == 1:
+      return fn(self, *tables)
+    rows = tables[0].shape[0]
+    pad = -rows % n
+    graphdef, state = nnx.split(self)  # merged inside: modules are not shared across traces
+
+    def split(x):
+      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return jnp.swapaxes(x.reshape((rows + pad) // n, n, *x.shape[1:]), 0, 1)
+
+    body = layers.remat(lambda xs: fn(nnx.merge(graphdef, state), *xs), policy)
+    out = jax.lax.map(body, tuple(split(x) for x in tables))
+    return jnp.swapaxes(out, 0, 1).reshape(rows + pad, *out.shape[2:])[:rows]
 
   def __call__(self, features: jax.Array, frame_slot: jax.Array, *,
                text_ids: jax.Array | None = None, text_mask: jax.Array | None = None,
@@ -101,9 +125,20 @@ class VisionTower(nnx.Module):
     v, t = frame_slot.shape
     if t > cfg.video.max_frame_pos:
       raise ValueError(f"{t} frames per video but only {cfg.video.max_frame_pos} frame positions")
-    queries = jnp.broadcast_to(self.query_tokens[...], (f, *self.query_tokens.shape[1:]))
-    hidden = self.qformer(queries, features, text_ids=text_ids, text_mask=text_mask,
-                          dropout_key=layers.sub_key(dropout_key, 0))  # [F, Q+L, D]
+
+    def image_qformer(tower, chunk, features, *text):
+      """The image Q-Former on some frames (`chunk`: their chunk, all alike: its dropout)."""
+      queries = jnp.broadcast_to(tower.query_tokens[...],
+                                 (features.shape[0], *tower.query_tokens.shape[1:]))
+      text_ids, text_mask = text if text else (None, None)
+      return tower.qformer(queries, features, text_ids=text_ids, text_mask=text_mask,
+                           dropout_key=layers.sub_key(layers.sub_key(dropout_key, 0), chunk[0]))
+
+    text = () if text_ids is None else (
+        text_ids, jnp.ones(text_ids.shape, bool) if text_mask is None else text_mask)
+    chunks = jnp.arange(f) % cfg.video.frame_chunks
+    hidden = self._in_chunks(image_qformer, chunks, features, *text,
+                             policy=cfg.qformer.remat_policy)  # [F, Q+L, D]
     num_q = self.query_tokens.shape[1]
 
     # Windows: the frame index (within its video) and packed row of every window position.
