@@ -356,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"{train / 1e6:.1f}M trainable (f32, AdamW moments) + {frozen / 1e9:.3f}B frozen "
         f"({cfg.model.frozen_param_dtype}) parameters, {cfg.model.dtype} compute, remat policy "
         f"Q-Formers/LLaMA {cfg.model.qformer.remat_policy}/{cfg.model.llm.remat_policy}, "
-        f"attention {cfg.model.attention_impl}. Per sample: sequence {args.seq}, video table "
+        f"frame chunks {cfg.model.video.frame_chunks}, attention {cfg.model.attention_impl}. "
+        f"Per sample: sequence {args.seq}, video table "
         f"{args.videos} x {layout.frames} frames, frame table {frames}.\n")
   print(f"FLOPs per sample: XLA {total / 1e12:.1f} TFLOP, extrapolated per layer from "
         "one-device compiles with unrolled layers at (ViT, LLaMA) depths "
