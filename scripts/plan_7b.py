@@ -91,11 +91,14 @@ class Plan:
 
 def plan_config(preset: str, *, mesh: Sequence[int], vit_depth: int | None = None,
                 llm_depth: int | None = None, scan: bool = True) -> ml_collections.ConfigDict:
-  """`preset` on `mesh`, optionally with fewer ViT blocks / LLaMA layers or unrolled stacks."""
+  """`preset` on `mesh`, optionally with fewer ViT blocks / LLaMA layers or unrolled stacks
+  (and then the frame table in one chunk: its chunks are a loop XLA counts once too)."""
   cfg = get_config(preset).copy_and_resolve_references()
   with cfg.unlocked():
     cfg.mesh.shape = tuple(mesh)
     cfg.model.vit.scan_layers = cfg.model.llm.scan_layers = scan
+    if not scan:
+      cfg.model.video.frame_chunks = 1
     if vit_depth:
       cfg.model.vit.depth = vit_depth
     if llm_depth:
@@ -199,11 +202,12 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
 
 
 def global_flops(preset: str, seq: int, videos: int, frames: int | None, log
-                 ) -> dict[tuple[int, int], float]:
+                 ) -> dict[tuple[int, int] | str, float]:
   """XLA FLOPs of one sample's step on one device with unrolled layers at (ViT, LLaMA) depths
   (1, 1), (2, 1), (1, 2), and extrapolated linearly per layer to the preset's depths (XLA
-  counts a scanned stack once). On several devices the partitioner may split different depths
-  differently, so only one-device counts are extrapolated."""
+  counts a scanned stack once), the frame table in one chunk; and under "counted once" the
+  one-device count of what a partitioned program counts. On several devices the partitioner
+  may split different depths differently, so only one-device counts are extrapolated."""
   flops = {}
   for depths in ((1, 1), (2, 1), (1, 2)):
     cfg = plan_config(preset, mesh=(1, 1, 1), vit_depth=depths[0], llm_depth=depths[1],
@@ -214,6 +218,14 @@ def global_flops(preset: str, seq: int, videos: int, frames: int | None, log
   m = get_config(preset).model
   flops[m.vit.depth, m.llm.depth] = (flops[1, 1] + (m.vit.depth - 1) * (flops[2, 1] - flops[1, 1])
                                      + (m.llm.depth - 1) * (flops[1, 2] - flops[1, 1]))
+  # What the partitioned programs count (each stack and the frame chunks' loop once), on one
+  # device: the reference of the work balance.
+  flops["counted once"] = flops[1, 1]
+  if m.video.frame_chunks > 1:
+    cfg = plan_config(preset, mesh=(1, 1, 1), vit_depth=1, llm_depth=1, scan=False)
+    with cfg.unlocked():
+      cfg.model.video.frame_chunks = m.video.frame_chunks
+    flops["counted once"] = compile_step(cfg, 1, seq, videos, frames).flops
   return flops
 
 
@@ -361,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.videos} x {layout.frames} frames, frame table {frames}.\n")
   print(f"FLOPs per sample: XLA {total / 1e12:.1f} TFLOP, extrapolated per layer from "
         "one-device compiles with unrolled layers at (ViT, LLaMA) depths "
-        + ", ".join(f"{k}: {v / 1e12:.2f}" for k, v in flops.items() if k != depth)
+        + ", ".join(f"{k}: {v / 1e12:.2f}" for k, v in flops.items()
+                    if k not in (depth, "counted once"))
         + f" TFLOP; analytic model FLOPs {model_flops['total'] / 1e12:.1f} TFLOP ("
         + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in model_flops.items() if k != "total")
         + f"); XLA / analytic = {total / model_flops['total']:.2f} (remat recompute, softmax, "
@@ -377,10 +390,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                   - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     step_flops = plan.batch * total
-    # Devices x one device's count over the one-device count, both with each layer stack
-    # counted once (as at depths (1, 1)): 1 when the work is split evenly, above 1 when
+    # Devices x one device's count over the one-device count, both with each layer stack and
+    # the frame chunks' loop counted once: 1 when the work is split evenly, above 1 when
     # devices repeat work (the partitioner's choice; a batch the data axes cannot split).
-    balance = c.flops * n / (plan.batch * flops[1, 1])
+    balance = c.flops * n / (plan.batch * flops["counted once"])
     t_mfu = plan.batch * model_flops["total"] / (args.mfu * n * hw.peak)
     state = c.state_bytes
     print(f"| {hw.name} | {plan.mesh} | {plan.batch} | {sum(state.values()) / 1e9:.1f} ("
@@ -407,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         + ", ".join(f"{h.name} {h.peak / 1e12:.0f} TFLOP/s x {h.devices}"
                     for h in HARDWARE.values())
         + "; work balance: devices x one device's XLA count over the one-device count (each "
-        "layer stack counted once, i.e. measured at the (1, 1)-depth mix of work): 1 = split "
+        "layer stack and the frame chunks' loop counted once): 1 = split "
         "evenly, > 1 = work repeated across devices, which stretches the step by that factor. "
         "XLA:CPU keeps many bf16 intermediates in f32, so its temp bytes overstate what "
         "XLA:GPU/TPU would plan.")
