@@ -49,6 +49,9 @@ FIRST_WORD_ID = 259  # after <unk>, <s>, </s> and the 256 byte tokens of the toy
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--candidates", type=int, default=10)
+  p.add_argument("--start_candidates", type=int, default=0,
+                 help="curriculum: lists grow linearly from this many to --candidates")
+  p.add_argument("--ramp_steps", type=int, default=1000, help="steps of that growth")
   p.add_argument("--kinds", default="full", help="comma-separated: full, word, near, desc")
   p.add_argument("--queries", type=int, default=1, help="questions per candidate list")
   p.add_argument("--statements", type=int, default=0, help="dense mode: sentences per list")
@@ -81,13 +84,14 @@ class World:
         toy_corpus.ToyCorpusConfig(num_videos=4000, seed=WORLD_SEED))
     self.events = [frozenset((e.colour, e.shape, e.motion) for e in s.events) for s in self.specs]
     self.pairs = [frozenset((e.colour, e.shape) for e in s.events) for s in self.specs]
+    self.candidates = args.candidates
     self.blocks = [", ".join(f"{e.colour} {e.shape} {e.motion}" for e in s.events)
                    if args.compact else toy_corpus._describe(s, False) for s in self.specs]
 
   def _candidates(self) -> tuple[list[int], list[int]]:
     """Videos (the first is the ground truth of the first query; none contains all its events)
     and their labels."""
-    k, rng = self.args.candidates, self.rng
+    k, rng = self.candidates, self.rng
     gt = int(rng.integers(len(self.specs)))
     videos = [gt]
     while len(videos) < k:
@@ -139,11 +143,14 @@ class World:
     """The rendered conversation and its answers' character spans."""
     a, rng = self.args, self.rng
     videos, labels = self._candidates()
+    owners = [(p, i) for i in range(len(videos)) for p in self._unique_pairs(videos, i)]
+    while a.statements and not owners:  # look-alikes can leave no pair unique in a short list
+      videos, labels = self._candidates()
+      owners = [(p, i) for i in range(len(videos)) for p in self._unique_pairs(videos, i)]
     entries = ",".join(f"<VID> {label} </VID> <VIDEO> {self.blocks[v]} </VIDEO>"
                        for label, v in zip(labels, videos, strict=True))
     messages = [{"role": "system", "content": prompt.SYSTEM_PROMPT}]
     if a.statements:
-      owners = [(p, i) for i in range(len(videos)) for p in self._unique_pairs(videos, i)]
       sentences = [f"The {c} {s} is in video {labels[i]}." for (c, s), i in
                    (owners[int(j)] for j in rng.integers(len(owners), size=a.statements))]
       messages += [{"role": "user", "content": "Candidate videos : " + entries + "."},
@@ -205,7 +212,11 @@ class Batches:
       is_index[b, :n] = [p in index for p in chosen]
     return dict(ids=ids, positions=positions, labels=labels, weight=weight, is_index=is_index)
 
-  def __call__(self) -> dict[str, jax.Array]:
+  def __call__(self, step: int = 0) -> dict[str, jax.Array]:
+    a = self.args
+    if a.start_candidates:
+      grown = a.start_candidates + (a.candidates - a.start_candidates) * step / a.ramp_steps
+      self.world.candidates = min(a.candidates, round(grown))
     texts, spans = zip(*(self.world.example() for _ in range(self.args.batch)), strict=True)
     return {k: jnp.asarray(v) for k, v in self._rows(texts, spans).items()}
 
@@ -268,12 +279,14 @@ def main(argv: list[str] | None = None) -> float:
   window: list[tuple[float, float]] = []
   for i in range(total):
     warm_up = i < args.induction
-    loss, acc = step(model, optimizer, batches.induction() if warm_up else batches())
+    loss, acc = step(model, optimizer,
+                     batches.induction() if warm_up else batches(i - args.induction))
     window.append((float(loss), float(acc)))
     if (i + 1) % args.report_every == 0 or i + 1 == total:
       loss_mean, accuracy = np.mean(window, axis=0)
       what = ("induction" if warm_up else
-              f"examples {(i + 1 - args.induction) * args.batch:8d}  index accuracy")
+              f"examples {(i + 1 - args.induction) * args.batch:8d}  "
+              f"candidates {batches.world.candidates:2d}  index accuracy")
       print(f"step {i + 1:6d}  loss {loss_mean:.3f}  {what} {accuracy:.3f}  "
             f"{time.perf_counter() - start:.0f} s", flush=True)
       window = []
