@@ -22,10 +22,12 @@ import jax
 from absl import app, flags, logging
 
 from ivcr_jax import configs, experiment, multihost
-from ivcr_jax.data import pipeline
+from ivcr_jax.data import pipeline, stores
 from ivcr_jax.evaluation import evaluator
 from ivcr_jax.evaluation import metrics as eval_metrics
+from ivcr_jax.training import step as step_lib
 from ivcr_jax.training import trainer
+from ivcr_jax.training.checkpointing import CheckpointError
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset]; override fields with "
@@ -66,10 +68,13 @@ def train(config, workdir: str) -> trainer.Result:
 
   logging.info("%d training samples (%s mode), %d validation samples", len(samples),
                config.data.sample_mode, len(val_samples))
+  def describe(first: int, count: int) -> list[str]:
+    return [s.dialogue.name for s in pipeline.samples_at(samples, config.seed, first, count)]
+
   result = trainer.run(config, workdir, model, train_batches, trainer.digits_of(data.tokenizer),
                        layout=layout,
                        val_batches=val_batches if len(val_samples) >= config.train.batch_size
-                       else None)
+                       else None, describe=describe)
   if encoder.truncated:
     logging.info("over-long samples shortened: %s", dict(encoder.truncated))
   return result
@@ -97,6 +102,11 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+  except (CheckpointError, step_lib.NonFiniteLossError, stores.StoreError) as e:
+    # Faults of the run's files or data: the message names the file or batch; a traceback would
+    # only bury it.
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

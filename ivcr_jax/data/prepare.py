@@ -36,12 +36,8 @@ def recipe(*, annotations: str | None, video_root: str | None,
 
 
 def read_report(out: str) -> dict[str, Any] | None:
-  """The summary of complete stores under `out`, or None."""
-  path = os.path.join(out, REPORT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  """The summary of complete stores under `out`, or None (`stores.StoreError` if damaged)."""
+  return stores.read_settings(os.path.join(out, REPORT_FILE), stores.rebuild_stores_hint(out))
 
 
 def build_stores(out: str, *, annotations: str | None = None, video_root: str | None = None,
