@@ -193,6 +193,9 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
                        if d.qformer_tokenizer else tokenizer)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
+  # Checked now, before any model is built: a damaged store stops the run at once.
+  stores.open_builder(_store_path(store_dir, stores.DIALOGUE_STORE),
+                      stores.rebuild_stores_hint(store_dir))
   # Each process assembles its share of the global batch (train.batch_size).
   layout = Layout.from_config(config, process_count=jax.process_count())
   topk = None if d.candidates == "annotation" else topk_store.TopKStore(d.candidates)

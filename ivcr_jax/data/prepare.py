@@ -95,7 +95,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "recipe": what, "annotations": annotations, "video_root": video_root,
       "frame_store": frame_store.path, "dialogue_store": dialogue_store,
       "videos": {"needed": len(needed), "stored": len(frame_store.videos),
-                 "failed": len(frame_store.failures)},
+                 "failed": len(frame_store.failures), "short": len(frame_store.short)},
       "frame_shards": {"total": frame_store.shards, "reused": frame_store.shards_reused},
       "records": {"total": report.total, "kept": report.kept, "other_split": report.other_split,
                   "skipped": dict(report.skipped), "notes": dict(report.notes)},
@@ -103,6 +103,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "splits": {s: sum(d.split == s for d in dialogues)
                  for s in sorted({d.split for d in dialogues})},
       "messages": report.messages, "video_failures": frame_store.failures,
+      "short_videos": frame_store.short,
       "seconds": round(time.perf_counter() - start, 2)}
   with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
     json.dump(summary, f, ensure_ascii=False, indent=1)

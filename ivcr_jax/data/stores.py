@@ -178,9 +178,11 @@ def open_builder(path: str, rebuild: str) -> Any:
   """The TFDS builder of the store at `path`, its shards checked (`check_shards`)."""
   import tensorflow_datasets as tfds
 
+  for name in ("dataset_info.json", "features.json"):  # TFDS's own errors would not name them
+    read_settings(os.path.join(path, name), rebuild)
   try:
     builder = tfds.builder_from_directory(path)
-  except Exception as e:  # TFDS raises assorted errors for damaged dataset_info/features files
+  except Exception as e:  # a file that parses but is not TFDS's: the error says what
     raise StoreError(f"the TFDS metadata of {path} (dataset_info.json, features.json) cannot be "
                      f"read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                      f"{rebuild}") from e
@@ -202,15 +204,14 @@ def check_shards(shards: Iterable[tuple[str, int]], rebuild: str) -> None:
     try:
       reader = array_record_module.ArrayRecordReader(path)
       try:
-        found = reader.num_records()
+        found = f"{reader.num_records()} readable records of {expected}"
       finally:
         reader.close()
-    except Exception as e:
-      raise StoreError(f"the shard {path} cannot be read ({type(e).__name__}: {e}); "
-                       f"{rebuild}") from e
-    if found != expected:
-      raise StoreError(f"the shard {path} is damaged (truncated?): {found} readable records of "
-                       f"{expected}; {rebuild}")
+    except Exception as e:  # e.g. shorter than ArrayRecord's first 64 KiB block
+      raise StoreError(f"the shard {path} is damaged (truncated?): it cannot be opened "
+                       f"({type(e).__name__}{': ' if str(e) else ''}{e}); {rebuild}") from e
+    if found != f"{expected} readable records of {expected}":
+      raise StoreError(f"the shard {path} is damaged (truncated?): {found}; {rebuild}")
 
 
 def _write_shard(path: str, partial: str, features: Any, videos: list[str],
@@ -361,6 +362,7 @@ class FrameStoreResult:
   videos: list[str]  # in record order
   durations: dict[str, float]
   failures: dict[str, str]  # video -> why it is not in the store
+  short: dict[str, str]  # video -> note: stored with fewer frames than requested (all it has)
   shards: int
   shards_reused: int  # finished by an interrupted earlier build
 
@@ -383,7 +385,12 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
     example = {"video": path, "frames": v.frames, "frame_indices": v.indices,
                "timestamps": v.times, "fps": v.fps, "num_video_frames": v.num_video_frames,
                "duration": v.duration}
-    return example, {"duration": v.duration}
+    info = {"duration": v.duration}
+    if settings.sampling != "all" and len(v.indices) < settings.num_frames:
+      info["short"] = (f"video {os.path.join(video_root, path)!r} has {v.num_video_frames} "
+                       f"frames, fewer than the "
+                       f"{settings.num_frames} requested: all of them are stored")
+    return example, info
 
   result = write_video_store(
       out_dir, FRAME_STORE, _frame_features(settings.size),
@@ -393,7 +400,9 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
   index = result.index
   return FrameStoreResult(result.path, index["videos"],
                           {v: i["duration"] for v, i in index["info"].items()},
-                          index["failures"], result.shards, result.shards_reused)
+                          index["failures"],
+                          {v: i["short"] for v, i in index["info"].items() if "short" in i},
+                          result.shards, result.shards_reused)
 
 
 class FrameStore(VideoStore):
