@@ -24,6 +24,8 @@ from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.retriever import training as retriever_training
 from ivcr_jax.training import trainer
+from ivcr_jax.training.checkpointing import CheckpointError
+from ivcr_jax.training.step import NonFiniteLossError
 
 if TYPE_CHECKING:
   from ivcr_jax.evaluation.session import ChatSession
@@ -45,6 +47,11 @@ SOURCES = {
 
 class MissingInputsError(FileNotFoundError):
   """The preset needs local weights or data that are not there; the message says what and how."""
+
+
+# Damaged or bad run files and data: the message names the file (or batch) and what to do, so the
+# entry points print it alone (exit 1) instead of burying it under a traceback.
+FAULTS = (CheckpointError, stores.StoreError, NonFiniteLossError)
 
 
 def uses_toy_corpus(config: ml_collections.ConfigDict) -> bool:

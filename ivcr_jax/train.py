@@ -22,12 +22,10 @@ import jax
 from absl import app, flags, logging
 
 from ivcr_jax import configs, experiment, multihost
-from ivcr_jax.data import pipeline, stores
+from ivcr_jax.data import pipeline
 from ivcr_jax.evaluation import evaluator
 from ivcr_jax.evaluation import metrics as eval_metrics
-from ivcr_jax.training import step as step_lib
 from ivcr_jax.training import trainer
-from ivcr_jax.training.checkpointing import CheckpointError
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset]; override fields with "
@@ -102,9 +100,7 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
-  except (CheckpointError, step_lib.NonFiniteLossError, stores.StoreError) as e:
-    # Faults of the run's files or data: the message names the file or batch; a traceback would
-    # only bury it.
+  except experiment.FAULTS as e:
     print(f"{type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(1)
 
