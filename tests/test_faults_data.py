@@ -125,18 +125,22 @@ def test_videos_that_lie_are_named_counted_and_skipped(corpus, tmp_path, monkeyp
 # Damaged stores
 
 
-@pytest.fixture(scope="module")
-def toy_stores(tmp_path_factory, tiny_config):
-  """The toy stores the tiny preset trains on (12 videos), built as `python -m ivcr_jax.train`
-  builds them."""
+def _build_toy_stores(tiny_config, out):
+  """The toy stores the tiny preset trains on (12 videos) at `out`, built (when absent) as
+  `python -m ivcr_jax.train` builds them."""
   from ivcr_jax import experiment
 
   cfg = tiny_config.copy_and_resolve_references()
-  root = tmp_path_factory.mktemp("toy_stores")
   with cfg.unlocked():
-    cfg.data.toy_num_videos, cfg.data.stores = 12, str(root / "stores")
-  experiment.store_dirs(cfg.data, cfg.model.vit.image_size, str(root))
-  return root / "stores"
+    cfg.data.toy_num_videos, cfg.data.stores = 12, str(out)
+  experiment.store_dirs(cfg.data, cfg.model.vit.image_size, str(out.parent))
+
+
+@pytest.fixture(scope="module")
+def toy_stores(tmp_path_factory, tiny_config):
+  out = tmp_path_factory.mktemp("toy_stores") / "stores"
+  _build_toy_stores(tiny_config, out)
+  return out
 
 
 def _damaged_copy(toy_stores, tmp_path):
@@ -186,7 +190,7 @@ def test_train_names_a_corrupted_settings_file(toy_stores, tmp_path):
       _rebuild(out) in message)
 
 
-def test_store_readers_name_damaged_files(toy_stores, tmp_path):
+def test_store_readers_name_damaged_files(toy_stores, tmp_path, tiny_config):
   out = _damaged_copy(toy_stores, tmp_path)
   frame_dir = out / stores.FRAME_STORE / stores.STORE_VERSION
   index = frame_dir / stores.INDEX_FILE
@@ -210,6 +214,13 @@ def test_store_readers_name_damaged_files(toy_stores, tmp_path):
   report.write_text("[1, 2")
   with pytest.raises(stores.StoreError, match=f"^{report} is damaged"):
     prepare.read_report(str(out))
+  with pytest.raises(stores.StoreError, match="once that file is deleted"):
+    _build_toy_stores(tiny_config, out)
+  report.unlink()  # as the message says: the toy stores are built again
+  _build_toy_stores(tiny_config, out)
+  assert prepare.read_report(str(out))["frame_shards"] == {"total": 1, "reused": 0}
+  assert len(stores.FrameStore(str(frame_dir))) == 12
+  assert len(stores.DialogueStore(str(dialogue_dir), "train")) > 0
 
 
 def test_feature_and_topk_stores_name_damaged_files(toy_stores, tmp_path):

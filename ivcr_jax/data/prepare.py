@@ -61,7 +61,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
   """
   if (toy is None) == (annotations is None or video_root is None):
     raise ValueError("give annotations and video_root, or a toy corpus config")
-  if read_report(out) is not None and not overwrite:
+  if not overwrite and read_report(out) is not None:  # (a damaged report is replaced, too)
     raise FileExistsError(f"{out} already holds complete stores ({REPORT_FILE}); choose another "
                           "directory or overwrite")
   # The dialogue store is cheap and TFDS would keep old records silently: always written anew.

@@ -204,14 +204,15 @@ def check_shards(shards: Iterable[tuple[str, int]], rebuild: str) -> None:
     try:
       reader = array_record_module.ArrayRecordReader(path)
       try:
-        found = f"{reader.num_records()} readable records of {expected}"
+        found = reader.num_records()
       finally:
         reader.close()
     except Exception as e:  # e.g. shorter than ArrayRecord's first 64 KiB block
       raise StoreError(f"the shard {path} is damaged (truncated?): it cannot be opened "
                        f"({type(e).__name__}{': ' if str(e) else ''}{e}); {rebuild}") from e
-    if found != f"{expected} readable records of {expected}":
-      raise StoreError(f"the shard {path} is damaged (truncated?): {found}; {rebuild}")
+    if found != expected:
+      raise StoreError(f"the shard {path} is damaged (truncated?): {found} readable records of "
+                       f"{expected}; {rebuild}")
 
 
 def _write_shard(path: str, partial: str, features: Any, videos: list[str],
@@ -388,8 +389,8 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
     info = {"duration": v.duration}
     if settings.sampling != "all" and len(v.indices) < settings.num_frames:
       info["short"] = (f"video {os.path.join(video_root, path)!r} has {v.num_video_frames} "
-                       f"frames, fewer than the "
-                       f"{settings.num_frames} requested: all of them are stored")
+                       f"frames, fewer than the {settings.num_frames} requested: all of them "
+                       "are stored")
     return example, info
 
   result = write_video_store(
