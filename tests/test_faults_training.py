@@ -242,18 +242,20 @@ def test_no_readable_checkpoint_stops_naming_each(space, reference):
   state = {"params": _abstract(workdir, 2, "params"), **_abstract(workdir, 2, "optimizer")}
   ckpt = workdir / "checkpoints"
   os.remove(ckpt / "2" / "meta" / "metadata")
-  victim = _damage_array(workdir, 1)
+  # (An array file that fails to read is the subprocess test's: orbax's abandoned reads would
+  # warn in this process long after.)
+  shutil.rmtree(ckpt / "1" / "optimizer")
   checkpointer = Checkpointer(str(ckpt))
   with pytest.raises(CheckpointError) as raised:
     checkpointer.restore_latest(state)
   checkpointer.close()
-  assert re.fullmatch(
+  assert str(raised.value) == (
       f"no checkpoint in {ckpt} can be read:\n"
-      f"  {ckpt / '2'}: {re.escape(str(ckpt / '2' / 'meta' / 'metadata'))} is missing\n"
-      f"  {ckpt / '1'}: .*{re.escape(str(ckpt / '1' / 'params'))}.*\n"
+      f"  {ckpt / '2'}: {ckpt / '2' / 'meta' / 'metadata'} is missing\n"
+      f"  {ckpt / '1'}: {ckpt / '1' / 'optimizer' / '_METADATA'} is missing\n"
       "Nothing was changed. Restore them from a copy, or move the directory away to train from "
-      "step 0.", str(raised.value)), str(raised.value)
-  assert _checkpoints(workdir) == [1, 2] and victim.exists()  # nothing moved or removed
+      "step 0.")
+  assert _checkpoints(workdir) == [1, 2]  # nothing moved
 
 
 def test_a_nan_batch_stops_naming_step_and_dialogues(space, reference):
