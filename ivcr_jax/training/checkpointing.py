@@ -25,9 +25,11 @@ from __future__ import annotations
 import os
 import shutil
 from typing import Any
+from urllib.parse import unquote
 
 import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
 
 from ivcr_jax import multihost
@@ -37,6 +39,7 @@ _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix of a save still being wr
 # What a complete checkpoint holds besides its array data (orbax 0.12 with OCDBT).
 _REQUIRED = ("_CHECKPOINT_METADATA", "params/_METADATA", "params/manifest.ocdbt",
              "optimizer/_METADATA", "optimizer/manifest.ocdbt", "meta/metadata")
+_ARRAY_ITEMS = ("params", "optimizer")  # the items whose arrays live in an OCDBT database
 
 
 class CheckpointError(RuntimeError):
@@ -114,7 +117,7 @@ class Checkpointer:
     self._tidy()
     failures: list[tuple[int, str]] = []
     for step in reversed(self._committed()):
-      why = self._missing(step)
+      why = self._missing(step) or self._unreadable_data(step)
       restored = None
       if why is None:
         try:
@@ -152,6 +155,20 @@ class Checkpointer:
       path = os.path.join(self.directory, str(step), name)
       if not os.path.isfile(path):
         return f"{path} is missing"
+    return None
+
+  def _unreadable_data(self, step: int) -> str | None:
+    """Which array data file of `step` is missing or shorter than its index says (None: none).
+
+    Found from the OCDBT index alone, before orbax reads the checkpoint: orbax's read of a
+    damaged checkpoint raises at the first bad array while the others are still in flight, and
+    those then fail loudly on its closed event loop. (A file damaged within its length is still
+    caught by the read itself.)
+    """
+    for item in _ARRAY_ITEMS:
+      why = ocdbt_damage(os.path.join(self.directory, str(step), item))
+      if why:
+        return why
     return None
 
   def _tidy(self) -> None:
@@ -228,6 +245,42 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def ocdbt_damage(root: str) -> str | None:
+  """What is wrong with the files of the OCDBT database in directory `root` (None: nothing
+  that its index shows): its index unreadable, or a data file missing or shorter than the bytes
+  the index refers to. Only the index is read (the latest version's B-tree), never a value."""
+  needed: dict[str, int] = {}  # data file -> the end of the furthest byte range the index uses
+  try:
+    store = ts.KvStore.open(f"file://{root}/").result()
+    latest = ts.ocdbt.dump(store).result()["versions"][-1]  # what a read sees
+    pending = [latest["root"]["location"]] if "location" in latest["root"] else []  # or empty
+    while pending:
+      node = pending.pop()
+      _note_range(root, node, needed)
+      for entry in ts.ocdbt.dump(store, node).result()["entries"]:
+        if "location" in entry:  # an interior node's child
+          pending.append(entry["location"])
+        elif "indirect_value" in entry:  # a leaf's value stored in a data file
+          _note_range(root, entry["indirect_value"], needed)
+  except Exception as e:
+    return f"the index of {root} cannot be read: {reason(e)}"
+  for path, end in sorted(needed.items()):
+    if not os.path.isfile(path):
+      return f"{path} is missing"
+    if os.path.getsize(path) < end:
+      return f"{path} is truncated: {os.path.getsize(path)} bytes of {end}"
+  return None
+
+
+def _note_range(root: str, location: str, needed: dict[str, int]) -> None:
+  """Records in `needed` the file and end of an OCDBT byte range,
+  `<kind>:<base>:<path>:<offset>:<length>` with the paths relative to the database `root`."""
+  head, offset, length = location.rsplit(":", 2)
+  _, base, path = head.split(":", 2)
+  file = os.path.normpath(os.path.join(root, unquote(base), unquote(path)))
+  needed[file] = max(needed.get(file, 0), int(offset) + int(length))
 
 
 def reason(e: BaseException) -> str:
