@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.error(f"{e} (--overwrite)")
   for why in summary["video_failures"].values():
     print(f"video skipped: {why}")
+  for note in summary["short_videos"].values():
+    print(f"video kept: {note}")
   for message in summary["messages"]:
     print(message)
   shards = summary["frame_shards"]
   if shards["reused"]:
     print(f"resumed: {shards['reused']} of {shards['total']} frame-store shards were already done")
-  print(f"videos: {summary['videos']['stored']} stored, {summary['videos']['failed']} failed; "
+  videos = summary["videos"]
+  short = f" ({videos['short']} with fewer frames than requested)" if videos["short"] else ""
+  print(f"videos: {videos['stored']} stored{short}, {videos['failed']} failed; "
         f"{summary['summary']}; {summary['seconds']} s -> {args.out}")
   return summary
 

@@ -58,6 +58,9 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+  except experiment.FAULTS as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
   if multihost.is_main():
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
     print(eval_metrics.summary(metrics))

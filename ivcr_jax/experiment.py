@@ -25,6 +25,8 @@ from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.retriever import training as retriever_training
 from ivcr_jax.training import trainer
+from ivcr_jax.training.checkpointing import CheckpointError
+from ivcr_jax.training.step import NonFiniteLossError
 
 if TYPE_CHECKING:
   from ivcr_jax.evaluation.session import ChatSession
@@ -46,6 +48,11 @@ SOURCES = {
 
 class MissingInputsError(FileNotFoundError):
   """The preset needs local weights or data that are not there; the message says what and how."""
+
+
+# Damaged or bad run files and data: the message names the file (or batch) and what to do, so the
+# entry points print it alone (exit 1) instead of burying it under a traceback.
+FAULTS = (CheckpointError, stores.StoreError, NonFiniteLossError)
 
 
 def uses_toy_corpus(config: ml_collections.ConfigDict) -> bool:
@@ -212,6 +219,9 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
                        if d.qformer_tokenizer else tokenizer)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
+  # Checked now, before any model is built: a damaged store stops the run at once.
+  stores.open_builder(_store_path(store_dir, stores.DIALOGUE_STORE),
+                      stores.rebuild_stores_hint(store_dir))
   # Each process assembles its share of the global batch (train.batch_size).
   layout = Layout.from_config(config, process_count=jax.process_count())
   topk = None if d.candidates == "annotation" else topk_store.TopKStore(d.candidates)

@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+  except experiment.FAULTS as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"exported step {step} to {_OUT.value}")
 
 

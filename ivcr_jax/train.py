@@ -67,10 +67,13 @@ def train(config, workdir: str) -> trainer.Result:
 
   logging.info("%d training samples (%s mode), %d validation samples", len(samples),
                config.data.sample_mode, len(val_samples))
+  def describe(first: int, count: int) -> list[str]:
+    return [s.dialogue.name for s in pipeline.samples_at(samples, config.seed, first, count)]
+
   result = trainer.run(config, workdir, model, train_batches, trainer.digits_of(data.tokenizer),
                        layout=layout,
                        val_batches=val_batches if len(val_samples) >= config.train.batch_size
-                       else None)
+                       else None, describe=describe)
   if encoder.truncated:
     logging.info("over-long samples shortened: %s", dict(encoder.truncated))
   return result
@@ -98,6 +101,9 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+  except experiment.FAULTS as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

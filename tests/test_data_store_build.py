@@ -171,6 +171,6 @@ def test_build_stores_resumes_after_a_crash(tmp_path, monkeypatch):
   report = prepare.build_stores(str(tmp_path), toy=toy, frames=every, shard_videos=4, workers=1,
                                 progress=False)
   assert report["frame_shards"] == {"total": 3, "reused": 1} and len(count) == 8
-  assert report["videos"] == {"needed": 12, "stored": 12, "failed": 0}
+  assert report["videos"] == {"needed": 12, "stored": 12, "failed": 0, "short": 0}
   with pytest.raises(FileExistsError, match="complete stores"):
     prepare.build_stores(str(tmp_path), toy=toy, frames=every, progress=False)

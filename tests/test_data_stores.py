@@ -46,7 +46,7 @@ def test_report_names_and_counts_the_bad_input(prepared):
   corpus, anns, report = prepared
   n = len(anns)
   assert report["videos"] == {"needed": CFG.num_videos + 1, "stored": CFG.num_videos,
-                              "failed": 1}
+                              "failed": 1, "short": 0}
   assert "bad.mp4" in report["video_failures"]["toy/bad.mp4"]
   assert report["records"]["skipped"] == {"missing_video": 1, "span_outside_video": 1}
   assert report["records"]["kept"] == n
@@ -110,7 +110,7 @@ def test_cli_needs_input(tmp_path):
 def test_cli_builds_the_toy_corpus_and_its_stores(tmp_path):
   report = build_stores.main(["--toy_videos", "12", "--toy_size", "32", "--out", str(tmp_path),
                               "--size", "32", "--sampling", "all"])
-  assert report["videos"] == {"needed": 12, "stored": 12, "failed": 0}
+  assert report["videos"] == {"needed": 12, "stored": 12, "failed": 0, "short": 0}
   assert report["records"]["kept"] == report["records"]["total"] == 24
   store = stores.FrameStore(report["frame_store"])
   spec = toy_corpus.make_video_specs(toy_corpus.ToyCorpusConfig(num_videos=12, size=32))[5]

@@ -63,6 +63,23 @@ def test_probe_binding_runs():
   assert 0.0 <= accuracy <= 1.0
 
 
+def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path):
+  from ivcr_jax.data import tokenizer as tokenizer_lib
+  from scripts import probe_text_retrieval
+
+  argv = ["--statements", "6", "--batch", "2", "--seq", "320", "--positions", "64",
+          "--tokenizer_dir", str(tmp_path / "tok")]
+  args = probe_text_retrieval.parse_args(argv)
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.build_toy_tokenizer(args.tokenizer_dir))
+  batch = probe_text_retrieval.Batches(args, tokenizer)()
+  assert batch["is_index"].sum(1).tolist() == [6, 6]  # every "video k" of the answer
+  digits = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+  assert set(np.asarray(batch["labels"])[np.asarray(batch["is_index"]) > 0].tolist()) <= digits
+  accuracy = probe_text_retrieval.main(argv + ["--steps", "2", "--induction", "1",
+                                               "--report_every", "1"])
+  assert 0.0 <= accuracy <= 1.0
+
+
 def test_ablation_pairs_the_settings_and_aggregates_over_seeds(tmp_path, monkeypatch):
   """The ablation's command lines, skipping of finished runs and its mean ± std table (the
   training itself is the real command, tested elsewhere; here each run is faked by its metrics)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 
@@ -34,8 +35,14 @@ RESIZE_MODES = ("squash", "shorter_side_crop")
 CropBox = tuple[int, int, int, int]  # (top, left, height, width) in the frame
 
 
+# How far (seconds; at least one frame) a frame may be shown from `index / fps`, where every
+# timestamp and span of the data puts it.
+TIMELINE_TOLERANCE_S = 0.5
+
+
 class VideoError(RuntimeError):
-  """A video that cannot be used (missing, corrupt, empty); the message names it."""
+  """A video that cannot be used (missing, empty, corrupt, or frames that are not shown at
+  `index / fps`); the message names it and says why."""
 
 
 def sample_indices(vlen: int, n: int, mode: str, rng: np.random.Generator | None = None
@@ -103,12 +110,17 @@ def load_video(path: str, *, num_frames: int, size: int | None, mode: str = "uni
   """Decodes the sampled frames of `path` at `size` x `size` (official: 224), resized as `resize`
   says (see the module docstring), or at their own size when `size` is None.
 
-  Raises `VideoError` naming the file when it is missing or cannot be decoded.
+  Raises `VideoError` naming the file when it is missing, empty or cannot be decoded, or when
+  its frames are not shown at `index / fps` (`check_timeline`).
   """
   if size is not None and (size <= 0 or size % 32):
     raise ValueError(f"decode size {size} must be a positive multiple of 32 (decord resizing)")
   if resize not in RESIZE_MODES:
     raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+  if not os.path.isfile(path):
+    raise VideoError(f"video {path!r} not found")
+  if os.path.getsize(path) == 0:
+    raise VideoError(f"video {path!r} is empty (0 bytes)")
   import decord
 
   crop = size is not None and resize == "shorter_side_crop"
@@ -121,6 +133,7 @@ def load_video(path: str, *, num_frames: int, size: int | None, mode: str = "uni
     fps = float(reader.get_avg_fps())
     if vlen < 1 or not fps > 0:
       raise VideoError(f"video {path!r} has {vlen} frames at {fps} fps")
+    check_timeline(path, reader.get_frame_timestamp(list(range(vlen)))[:, 0], fps)
     indices = sample_indices(vlen, num_frames, mode, rng)
     try:
       frames = reader.get_batch(indices.tolist()).asnumpy()
@@ -140,6 +153,28 @@ def load_video(path: str, *, num_frames: int, size: int | None, mode: str = "uni
     frames = center_crop(frames, size)
   return VideoFrames(frames=np.ascontiguousarray(frames, np.uint8), indices=indices, fps=fps,
                      num_video_frames=vlen)
+
+
+def check_timeline(path: str, shown: np.ndarray, fps: float) -> None:
+  """Raises `VideoError` unless frame i is shown (`shown[i]`, seconds: its presentation time)
+  at `i / fps` within `TIMELINE_TOLERANCE_S`. Sampling, the timestamp texts and the spans all
+  place frames there (as the official reader does), so a variable frame rate, or a container
+  timeline (an edit list) that disagrees with the frame count, would silently misplace every
+  moment; such a video is refused with a re-encoding hint instead."""
+  expected = np.arange(len(shown)) / fps
+  off = np.abs(shown - expected)
+  worst = int(np.argmax(off))
+  if off[worst] <= max(TIMELINE_TOLERANCE_S, 1 / fps):
+    return
+  if abs(shown[0]) > max(TIMELINE_TOLERANCE_S, 1 / fps):
+    why = (f"its container shows the first of its {len(shown)} frames at {shown[0]:.3f} s, not "
+           f"0 (an edit list: the container's duration disagrees with {len(shown)} frames at "
+           f"{fps:g} fps)")
+  else:
+    why = (f"variable frame rate: frame {worst} is shown at {shown[worst]:.3f} s, but frame / "
+           f"average fps ({fps:g}) puts it at {expected[worst]:.3f} s")
+  raise VideoError(f"video {path!r}: {why}; re-encode it at a constant frame rate to use it "
+                   "(ffmpeg -i IN -fps_mode cfr OUT)")
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],

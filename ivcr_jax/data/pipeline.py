@@ -428,6 +428,21 @@ _PER_VIDEO = ("frame_slot",)
 _PER_FRAME = ("frames", "features", "qformer_text_ids", "qformer_text_mask")
 
 
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+  """The training order of the samples in `epoch`: a fresh permutation per epoch."""
+  return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def samples_at(samples: Sequence[Sample], seed: int, first: int, count: int) -> list[Sample]:
+  """The samples at global positions `first` .. `first + count - 1` of the training order (what
+  a step's batch held, e.g. to name a batch that made the loss non-finite)."""
+  out = []
+  for position in range(first, first + count):
+    epoch, j = divmod(position, len(samples))
+    out.append(samples[int(epoch_order(len(samples), seed, epoch)[j])])
+  return out
+
+
 class _Elements:
   """Position in this process's stream -> encoded element. Global sample positions run through
   epochs (a fresh permutation each) in global batches of `local_batch * process_count`; process
@@ -445,7 +460,7 @@ class _Elements:
   def order(self, epoch: int) -> np.ndarray:
     cached = self._order
     if cached is None or cached[0] != epoch:
-      cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.samples)))
+      cached = (epoch, epoch_order(len(self.samples), self.seed, epoch))
       self._order = cached
     return cached[1]
 

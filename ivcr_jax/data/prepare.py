@@ -36,12 +36,8 @@ def recipe(*, annotations: str | None, video_root: str | None,
 
 
 def read_report(out: str) -> dict[str, Any] | None:
-  """The summary of complete stores under `out`, or None."""
-  path = os.path.join(out, REPORT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  """The summary of complete stores under `out`, or None (`stores.StoreError` if damaged)."""
+  return stores.read_settings(os.path.join(out, REPORT_FILE), stores.rebuild_stores_hint(out))
 
 
 def build_stores(out: str, *, annotations: str | None = None, video_root: str | None = None,
@@ -65,7 +61,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
   """
   if (toy is None) == (annotations is None or video_root is None):
     raise ValueError("give annotations and video_root, or a toy corpus config")
-  if read_report(out) is not None and not overwrite:
+  if not overwrite and read_report(out) is not None:  # (a damaged report is replaced, too)
     raise FileExistsError(f"{out} already holds complete stores ({REPORT_FILE}); choose another "
                           "directory or overwrite")
   # The dialogue store is cheap and TFDS would keep old records silently: always written anew.
@@ -99,7 +95,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "recipe": what, "annotations": annotations, "video_root": video_root,
       "frame_store": frame_store.path, "dialogue_store": dialogue_store,
       "videos": {"needed": len(needed), "stored": len(frame_store.videos),
-                 "failed": len(frame_store.failures)},
+                 "failed": len(frame_store.failures), "short": len(frame_store.short)},
       "frame_shards": {"total": frame_store.shards, "reused": frame_store.shards_reused},
       "records": {"total": report.total, "kept": report.kept, "other_split": report.other_split,
                   "skipped": dict(report.skipped), "notes": dict(report.notes)},
@@ -107,6 +103,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "splits": {s: sum(d.split == s for d in dialogues)
                  for s in sorted({d.split for d in dialogues})},
       "messages": report.messages, "video_failures": frame_store.failures,
+      "short_videos": frame_store.short,
       "seconds": round(time.perf_counter() - start, 2)}
   with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
     json.dump(summary, f, ensure_ascii=False, indent=1)

@@ -157,6 +157,64 @@ def _read_json(path: str) -> Any:
     return None
 
 
+class StoreError(RuntimeError):
+  """A store file is missing, truncated or unreadable; the message names the file and the
+  command that rebuilds the store."""
+
+
+def read_settings(path: str, rebuild: str) -> Any:
+  """The JSON file of a store's settings at `path`, or None when it does not exist; a file that
+  is there but unreadable is a `StoreError` (it is damaged, not absent)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise StoreError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}") from e
+
+
+def open_builder(path: str, rebuild: str) -> Any:
+  """The TFDS builder of the store at `path`, its shards checked (`check_shards`)."""
+  import tensorflow_datasets as tfds
+
+  for name in ("dataset_info.json", "features.json"):  # TFDS's own errors would not name them
+    read_settings(os.path.join(path, name), rebuild)
+  try:
+    builder = tfds.builder_from_directory(path)
+  except Exception as e:  # a file that parses but is not TFDS's: the error says what
+    raise StoreError(f"the TFDS metadata of {path} (dataset_info.json, features.json) cannot be "
+                     f"read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     f"{rebuild}") from e
+  for split in builder.info.splits.values():
+    check_shards(zip(map(os.fspath, split.filepaths), split.shard_lengths, strict=True),
+                 rebuild)
+  return builder
+
+
+def check_shards(shards: Iterable[tuple[str, int]], rebuild: str) -> None:
+  """Raises `StoreError` naming the first ArrayRecord file of `(path, records)` that is missing
+  or does not hold its records. A truncated ArrayRecord file opens as an empty one (its footer is
+  gone), so the record count is what tells."""
+  from array_record.python import array_record_module
+
+  for path, expected in shards:
+    if not os.path.isfile(path):
+      raise StoreError(f"the shard {path} is missing; {rebuild}")
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      try:
+        found = reader.num_records()
+      finally:
+        reader.close()
+    except Exception as e:  # e.g. shorter than ArrayRecord's first 64 KiB block
+      raise StoreError(f"the shard {path} is damaged (truncated?): it cannot be opened "
+                       f"({type(e).__name__}{': ' if str(e) else ''}{e}); {rebuild}") from e
+    if found != expected:
+      raise StoreError(f"the shard {path} is damaged (truncated?): {found} readable records of "
+                       f"{expected}; {rebuild}")
+
+
 def _write_shard(path: str, partial: str, features: Any, videos: list[str],
                  produced: Iterator[Produced]) -> dict[str, Any]:
   """Writes the records of `videos` to `partial`, then renames it to `path`; returns the shard's
@@ -265,9 +323,8 @@ class VideoStore:
   command = ""  # the command that builds one
 
   def __init__(self, path: str):
-    import tensorflow_datasets as tfds
-
-    index = _read_json(os.path.join(path, INDEX_FILE))
+    rebuild = self.rebuild_hint(path)
+    index = read_settings(os.path.join(path, INDEX_FILE), rebuild)
     if index is None:
       raise FileNotFoundError(f"no complete {self.what} at {path} (build it with python -m "
                               f"{self.command}; an interrupted build resumes)")
@@ -277,7 +334,12 @@ class VideoStore:
     self.path = path
     self.index: dict[str, Any] = index
     self.record_of = {v: i for i, v in enumerate(index["videos"])}
-    self._source = tfds.builder_from_directory(path).as_data_source(split=VIDEO_SPLIT)
+    self._source = open_builder(path, rebuild).as_data_source(split=VIDEO_SPLIT)
+
+  def rebuild_hint(self, path: str) -> str:
+    """What to run to replace the store at `path` (for messages about its damaged files)."""
+    return (f"rebuild the {self.what} with python -m {self.command} --overwrite and the "
+            "arguments it was built with")
 
   def __len__(self) -> int:
     return len(self.record_of)
@@ -301,6 +363,7 @@ class FrameStoreResult:
   videos: list[str]  # in record order
   durations: dict[str, float]
   failures: dict[str, str]  # video -> why it is not in the store
+  short: dict[str, str]  # video -> note: stored with fewer frames than requested (all it has)
   shards: int
   shards_reused: int  # finished by an interrupted earlier build
 
@@ -323,7 +386,12 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
     example = {"video": path, "frames": v.frames, "frame_indices": v.indices,
                "timestamps": v.times, "fps": v.fps, "num_video_frames": v.num_video_frames,
                "duration": v.duration}
-    return example, {"duration": v.duration}
+    info = {"duration": v.duration}
+    if settings.sampling != "all" and len(v.indices) < settings.num_frames:
+      info["short"] = (f"video {os.path.join(video_root, path)!r} has {v.num_video_frames} "
+                       f"frames, fewer than the {settings.num_frames} requested: all of them "
+                       "are stored")
+    return example, info
 
   result = write_video_store(
       out_dir, FRAME_STORE, _frame_features(settings.size),
@@ -333,7 +401,9 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
   index = result.index
   return FrameStoreResult(result.path, index["videos"],
                           {v: i["duration"] for v, i in index["info"].items()},
-                          index["failures"], result.shards, result.shards_reused)
+                          index["failures"],
+                          {v: i["short"] for v, i in index["info"].items() if "short" in i},
+                          result.shards, result.shards_reused)
 
 
 class FrameStore(VideoStore):
@@ -341,6 +411,9 @@ class FrameStore(VideoStore):
 
   what = "frame store"
   command = "data_prep.build_stores"
+
+  def rebuild_hint(self, path: str) -> str:
+    return rebuild_stores_hint(os.path.dirname(os.path.dirname(path)))
 
   def __init__(self, path: str):
     super().__init__(path)
@@ -423,13 +496,19 @@ def write_dialogue_store(out_dir: str, dialogues: Sequence[Dialogue]) -> str:
   return builder.data_dir
 
 
+def rebuild_stores_hint(root: str) -> str:
+  """How to rebuild the frame and dialogue stores under `root` (`data_prep.build_stores`)."""
+  return (f"rebuild the stores with python -m data_prep.build_stores --out {root} --overwrite and "
+          f"the arguments of their first build (their recipe is in {root}/prep_report.json; the "
+          "toy presets' training command rebuilds its toy stores once that file is deleted)")
+
+
 class DialogueStore:
   """One split of a dialogue store as a sequence of `records.Dialogue`."""
 
   def __init__(self, path: str, split: str):
-    import tensorflow_datasets as tfds
-
-    self._source = tfds.builder_from_directory(path).as_data_source(split=split)
+    rebuild = rebuild_stores_hint(os.path.dirname(os.path.dirname(path)))
+    self._source = open_builder(path, rebuild).as_data_source(split=split)
 
   def __len__(self) -> int:
     return len(self._source)

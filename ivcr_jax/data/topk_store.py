@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ivcr_jax.data import stores
 from ivcr_jax.data.answers import find_video_index
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Turn
 
@@ -89,13 +90,14 @@ def write_topk_store(out: str, splits: Mapping[str, tuple[Sequence[Dialogue], Se
   return out
 
 
+REBUILD = ("rebuild the top-k cache with python -m data_prep.build_topk_cache --overwrite and "
+           "the --config and --retriever it was built with")
+
+
 def read_meta(path: str) -> dict | None:
-  """The store's `topk.json`, or None when there is no complete store at `path`."""
-  try:
-    with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
+  """The store's `topk.json`, or None when there is no complete store at `path`
+  (`stores.StoreError` if it is damaged)."""
+  return stores.read_settings(os.path.join(path, META_FILE), REBUILD)
 
 
 @dataclasses.dataclass
@@ -122,6 +124,11 @@ class TopKStore:
                          f"{FORMAT}; rebuild it with python -m data_prep.build_topk_cache")
     self.path, self.meta = path, meta
     self.k: int = meta["k"]
+    stores.check_shards(((self._file(split), info["records"])
+                         for split, info in meta["splits"].items()), REBUILD)
+
+  def _file(self, split: str) -> str:
+    return os.path.join(self.path, f"{split}.array_record")
 
   def check(self, corpus: str, split: str, dialogues: Sequence[Dialogue]) -> None:
     """Refuses the store unless it was built over `corpus` and exactly these dialogues."""
@@ -142,8 +149,7 @@ class TopKStore:
     """Every record of `split`, in dialogue-store order."""
     from array_record.python import array_record_module
 
-    reader = array_record_module.ArrayRecordReader(os.path.join(self.path,
-                                                                f"{split}.array_record"))
+    reader = array_record_module.ArrayRecordReader(self._file(split))
     try:
       return [json.loads(r) for r in reader.read_all()]
     finally:

@@ -33,8 +33,8 @@ def build_cache(config: ml_collections.ConfigDict, trained: Trained, out: str,
   retriever = {"fingerprint": trained.fingerprint, "step": trained.step,
                "workdir": os.path.abspath(retriever_dir), "preset": config.preset,
                "features": trained.data.features}
-  old = topk_store.read_meta(out)
-  if old is not None and not overwrite:
+  old = None if overwrite else topk_store.read_meta(out)  # (a damaged one is replaced, too)
+  if old is not None:
     same = (old["retriever"]["fingerprint"] == trained.fingerprint and old["corpus"] == corpus
             and old["k"] == k and set(old["splits"]) == set(splits))
     if same:

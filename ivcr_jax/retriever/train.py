@@ -47,7 +47,11 @@ def main(argv: list[str]) -> None:
   except experiment.MissingInputsError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
-  result = training.train(config, workdir, store_dir, tokenizer_dir)
+  try:
+    result = training.train(config, workdir, store_dir, tokenizer_dir)
+  except experiment.FAULTS as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
   print(json.dumps(result, indent=1))
 
 

@@ -232,8 +232,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = 0
-  if ckpt.latest_step() is not None:
-    state, meta, start = ckpt.restore(abstract_like(state))
+  resumed = ckpt.restore_latest(abstract_like(state))
+  if resumed is not None:
+    state, meta, start = resumed
     if meta.get("features") != data.features:
       raise feature_store_lib.FeatureStoreMismatch(
           f"{workdir} holds a retriever trained on features {meta.get('features')}, not "

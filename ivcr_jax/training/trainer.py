@@ -54,7 +54,8 @@ def _mean(rows: list[dict]) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
         train_batches: Callable[[int], Iterator[dict]], digit_ids, *, layout: Layout,
         val_batches: Callable[[], Iterable[dict]] | None = None,
-        on_log: Callable[[int, dict], None] | None = None) -> Result:
+        on_log: Callable[[int, dict], None] | None = None,
+        describe: Callable[[int, int], list[str]] | None = None) -> Result:
   """Trains `model` for `config.train.num_steps` micro-steps, resuming from `workdir`.
 
   Args:
@@ -69,6 +70,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
     digit_ids: token ids of "0".."9" (the aux losses read their distributions).
     layout: the per-process batch layout (pads and offsets the shares of several processes).
     val_batches: returns this process's validation batches, evaluated every `train.eval_every`.
+    describe: `describe(first, count)` names the samples at global positions `first` ..
+      `first + count - 1` (their dialogues), for the message when a step goes non-finite.
+
+  Raises:
+    NonFiniteLossError: a step's loss or gradient is NaN/inf; nothing after the last good
+      checkpoint is saved.
+    CheckpointError: a checkpoint could not be written, or none of the existing ones can be read.
   """
   tc = config.train
   rules = config.mesh.rules
@@ -85,8 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = samples_seen = 0
-  if ckpt.latest_step() is not None:
-    state, meta, start = ckpt.restore(abstract_like(state))
+  resumed = ckpt.restore_latest(abstract_like(state))
+  if resumed is not None:
+    state, meta, start = resumed
     samples_seen = int(meta.get("samples_seen", start * tc.batch_size))
     logging.info("resumed from step %d (%s); data position: sample %d of the global order%s",
                  start, meta, samples_seen, _moved(meta))
@@ -117,22 +126,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
         logging.info("step %d: batch shape %dx%dx%d (sequence x video table x frame table, "
                      "global)", i + 1, *shape)
       state, metrics = train_step(state, frozen, batch, key)
-      samples_seen += tc.batch_size
-      pending.append(metrics)
       step = i + 1
+      pending.append((step, samples_seen, metrics))
+      samples_seen += tc.batch_size
       due_log = step % tc.log_every == 0 or step == end
       due_ckpt = step % tc.checkpoint_every == 0 or step == end
       due_eval = val_batches is not None and tc.eval_every and (
           step % tc.eval_every == 0 or step == tc.num_steps)
       if due_log or due_ckpt or due_eval:
-        rows = [_host(m) for m in pending]
+        rows = [_host(m) for _, _, m in pending]
+        bad = [(s, first, r) for (s, first, _), r in zip(pending, rows, strict=True)
+               if not r["finite"]]
         pending = []
-        bad = [r for r in rows if not r["finite"]]
         if bad:
-          raise step_lib.NonFiniteLossError(
-              f"non-finite loss or gradient before step {step} (loss {bad[0]['loss']}, grad norm "
-              f"{bad[0]['grad_norm']}); stopped without saving: the last good checkpoint is "
-              f"step {ckpt.latest_step()} in {ckpt.directory}")
+          raise _non_finite(*bad[0], tc.batch_size, describe, ckpt)
         logged = _mean(rows)
         logged.pop("finite")
         logged["lr"] = float(optimizer.learning_rate(tc)(i))
@@ -165,6 +172,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
     if main:
       writer.close()
   return Result(max(start, end), history, state["params"], frozen, split)
+
+
+def _non_finite(step: int, first: int, row: dict, batch_size: int,
+                describe: Callable[[int, int], list[str]] | None, ckpt: Checkpointer
+                ) -> step_lib.NonFiniteLossError:
+  """The error for the first non-finite step, naming its batch's dialogues (to find the bad
+  data) and the checkpoint training can go back to."""
+  batch = (f" on the batch of samples {first}..{first + batch_size - 1}: "
+           + "; ".join(describe(first, batch_size)) if describe else "")
+  last = ckpt.latest_step()
+  good = ("no checkpoint was written yet" if last is None else
+          f"the last good checkpoint is step {last} in {ckpt.directory}")
+  return step_lib.NonFiniteLossError(
+      f"non-finite loss or gradient at step {step} (loss {row['loss']}, grad norm "
+      f"{row['grad_norm']}){batch}. Stopped without saving: {good}")
 
 
 def _read_history(path: str, *, upto: int) -> list[dict]:
