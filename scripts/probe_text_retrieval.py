@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> float:
   @nnx.jit
   def step(model, optimizer, batch):
     def loss_fn(model):
-      _, hidden = model(batch["ids"], return_hidden=True)
+      hidden = model.hidden_states(batch["ids"])
       logits = model.logits(jnp.take_along_axis(hidden, batch["positions"][..., None], 1))
       nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
                                  batch["labels"][..., None], -1)[..., 0]

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import interllava
+from ivcr_jax.data import pipeline
 from ivcr_jax.models.interllava import InterLLaVA
 
 
@@ -23,8 +24,8 @@ def _video_share(cfg, model) -> float:
   rng = np.random.default_rng(0)
   v, t = 6, 8
   tokens = 1 + (cfg.model.vit.image_size // cfg.model.vit.patch_size) ** 2
-  feats = jnp.asarray(rng.normal(size=(v, t, tokens, cfg.model.vit.width)), jnp.float32)
-  out, _ = model.vision(feats, jnp.full((v,), t))
+  feats = jnp.asarray(rng.normal(size=(v * t, tokens, cfg.model.vit.width)), jnp.float32)
+  out, _ = model.vision(feats, jnp.asarray(pipeline.frame_slots([t] * v, v, t)))
   out = np.asarray(out, np.float64)
   between = ((out - out.mean(0, keepdims=True)) ** 2).mean()
   return between / ((out - out.mean((0, 1), keepdims=True)) ** 2).mean()

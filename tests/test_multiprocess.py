@@ -129,13 +129,13 @@ def baseline(space):
   return workdir
 
 
-def _shapes(done) -> set[tuple[int, int]]:
-  """(sequence, video-table) shapes the run's batches had, from the trainer's log lines."""
+def _shapes(done) -> set[tuple[int, ...]]:
+  """(sequence, video-table, frame-table) shapes the run's batches had, from the trainer's log
+  lines."""
   found = set()
   for line in done.stdout.splitlines() + done.stderr.splitlines():
     if "batch shape" in line:
-      seq, videos = line.rsplit("batch shape ", 1)[1].split()[0].split("x")
-      found.add((int(seq), int(videos)))
+      found.add(tuple(int(n) for n in line.rsplit("batch shape ", 1)[1].split()[0].split("x")))
   return found
 
 
