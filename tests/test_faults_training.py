@@ -278,14 +278,20 @@ def test_no_readable_checkpoint_stops_naming_each(space, reference):
   assert _checkpoints(workdir) == [1, 2]  # nothing moved
 
 
+def _stopped_by(space, reference, name, fault) -> tuple:
+  """A copy of the reference's first 3 checkpoints resumed with `fault` injected, which must stop
+  the run with exit code 1; returns its workdir and output."""
+  workdir = space / name
+  _copy(reference, workdir, upto=3)
+  proc = _faulty(space, workdir, fault)
+  assert proc.wait(timeout=TIMEOUT) == 1
+  return workdir, _output(proc)
+
+
 def test_a_nan_batch_stops_naming_step_and_dialogues(space, reference):
   from ivcr_jax.data import records, stores
 
-  workdir = space / "nan"
-  _copy(reference, workdir, upto=3)
-  proc = _faulty(space, workdir, "nan@5")
-  assert proc.wait(timeout=TIMEOUT) == 1
-  out = _output(proc)
+  workdir, out = _stopped_by(space, reference, "nan", "nan@5")
   assert "Traceback" not in out
   message = out[out.index("NonFiniteLossError: "):]
   # The batch of step 5 (batch size 1) is sample 4 of the training order (epoch 0's permutation).
@@ -304,11 +310,7 @@ def test_a_nan_batch_stops_naming_step_and_dialogues(space, reference):
 
 
 def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(space, reference):
-  workdir = space / "full"
-  _copy(reference, workdir, upto=3)
-  proc = _faulty(space, workdir, "enospc@4")
-  assert proc.wait(timeout=TIMEOUT) == 1
-  out = _output(proc)
+  workdir, out = _stopped_by(space, reference, "full", "enospc@4")
   ckpt = workdir / "checkpoints"
   # orbax logs the failure of its write thread too; the run's own message is one line.
   assert [x for x in out.splitlines() if x.startswith("CheckpointError")] == [(
