@@ -19,7 +19,6 @@ generated answers"). Both override `config.evaluation`; metrics.json records wha
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 
@@ -50,17 +49,12 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   _INITIALIZE()
-  try:
-    metrics = evaluator.run(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
-                            history=_HISTORY.value, step=_STEP.value, max_dialogues=_MAX.value,
-                            official_parsing=_OFFICIAL_PARSING.value,
-                            official_denominators=_OFFICIAL_DENOMINATORS.value)
-  except experiment.MissingInputsError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-  except experiment.FAULTS as e:
-    print(f"{type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
+  with experiment.faults_reported():
+    metrics = experiment.evaluate(_CONFIG.value, _WORKDIR.value, split=_SPLIT.value,
+                                  history=_HISTORY.value, step=_STEP.value,
+                                  max_dialogues=_MAX.value,
+                                  official_parsing=_OFFICIAL_PARSING.value,
+                                  official_denominators=_OFFICIAL_DENOMINATORS.value)
   if multihost.is_main():
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_turn"}, indent=1))
     print(eval_metrics.summary(metrics))

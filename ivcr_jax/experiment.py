@@ -1,15 +1,20 @@
 """What every entry point builds from a config: tokenizer, data stores, samples, model.
 
-`train`, `evaluate`, `chat` and `export_hf` call these so that a preset means the same thing
-everywhere. Presets whose `data.annotations` is empty (tiny, demo) use the toy corpus, built with
-its stores under the workdir when absent.
+`train`, `evaluate`, `chat`, `web_demo` and `export_hf` call these so that a preset means the
+same thing everywhere; the library below never imports this module. Presets whose
+`data.annotations` is empty (tiny, demo) use the toy corpus, built with its stores under the
+workdir when absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
-from typing import TYPE_CHECKING, Any
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,18 +23,20 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from ivcr_jax import multihost, sharding
-from ivcr_jax.convert import checkpoint_chain
+from ivcr_jax.convert import export as export_lib
+from ivcr_jax.convert.mapping import Log
 from ivcr_jax.data import feature_store, prepare, records, stores, topk_store, toy_corpus
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.pipeline import Layout, SampleEncoder
+from ivcr_jax.evaluation import evaluator, metrics
+from ivcr_jax.evaluation.evaluator import Evaluator
+from ivcr_jax.evaluation.session import ChatSession
+from ivcr_jax.jsonfile import read_json, write_json
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.retriever import training as retriever_training
-from ivcr_jax.training import trainer
+from ivcr_jax.training import checkpointing
 from ivcr_jax.training.checkpointing import CheckpointError
 from ivcr_jax.training.step import NonFiniteLossError
-
-if TYPE_CHECKING:
-  from ivcr_jax.evaluation.session import ChatSession
 
 # Where the official initial weights and the dataset come from (reference §6.3, §4).
 SOURCES = {
@@ -53,6 +60,26 @@ class MissingInputsError(FileNotFoundError):
 # Damaged or bad run files and data: the message names the file (or batch) and what to do, so the
 # entry points print it alone (exit 1) instead of burying it under a traceback.
 FAULTS = (CheckpointError, stores.StoreError, NonFiniteLossError)
+
+
+@contextlib.contextmanager
+def faults_reported() -> Iterator[None]:
+  """For an entry point's `main`: missing inputs exit with code 2, `FAULTS` with code 1, each
+  with its message alone on stderr."""
+  try:
+    yield
+  except MissingInputsError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+  except FAULTS as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`workdir/config.json`: what the run was started with (every field, overrides included)."""
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
 
 def uses_toy_corpus(config: ml_collections.ConfigDict) -> bool:
@@ -182,6 +209,13 @@ def toy_store_dir(workdir: str, toy_seed: int) -> str:
   return os.path.join(workdir, "toy_data" if toy_seed == 0 else f"toy_data_seed{toy_seed}")
 
 
+def tokenizer_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """The LLM tokenizer's directory: `data.tokenizer`, else the toy tokenizer's, beside the toy
+  stores."""
+  d = data_cfg
+  return d.tokenizer or os.path.join(d.stores or toy_store_dir(workdir, d.toy_seed), "tokenizer")
+
+
 def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: str
                ) -> tuple[str, str]:
   """(store directory, tokenizer directory) of a `data` config section. Toy presets (empty
@@ -198,7 +232,7 @@ def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: st
                 frames=stores.FrameSettings(size=image_size, sampling="all",
                                             resize=d.resize_mode),
                 options=records.RecordOptions.from_config(d))
-  tokenizer_dir = d.tokenizer or os.path.join(store_dir, "tokenizer")
+  tokenizer_path = tokenizer_dir(d, workdir)
   if multihost.is_main():  # one writer; the other processes wait for it
     built = prepare.read_report(store_dir)
     if built is None or built.get("recipe") != prepare.recipe(annotations=None,
@@ -206,18 +240,34 @@ def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: st
       logging.info("building the toy corpus and its stores in %s", store_dir)
       prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
     if not d.tokenizer:
-      tokenizer_lib.build_toy_tokenizer(tokenizer_dir)
+      tokenizer_lib.build_toy_tokenizer(tokenizer_path)
   multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
-  return store_dir, tokenizer_dir
+  return store_dir, tokenizer_path
+
+
+def load_tokenizers(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str
+                    ) -> tuple[Any, Any | None]:
+  """The LLM tokenizer (with the IVCR tokens) of `tokenizer_dir` and the Q-Former's own
+  (`data.qformer_tokenizer`), or None when the Q-Former reads the LLM's ids (official, B1)."""
+  qformer = data_cfg.qformer_tokenizer
+  return (tokenizer_lib.load_tokenizer(tokenizer_dir),
+          tokenizer_lib.load_plain_tokenizer(qformer) if qformer else None)
+
+
+def open_tokenizers(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any | None]:
+  """`load_tokenizers` of a run without opening its stores (the toy tokenizer is built when
+  absent: its recipe does not depend on the corpus)."""
+  path = tokenizer_dir(config.data, workdir)
+  if not config.data.tokenizer:
+    tokenizer_lib.build_toy_tokenizer(path)
+  return load_tokenizers(config.data, path)
 
 
 def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   """Tokenizers and stores of `config` (`store_dirs`)."""
   d = config.data
   store_dir, tokenizer_dir = store_dirs(d, config.model.vit.image_size, workdir)
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-  qformer_tokenizer = (tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer)
-                       if d.qformer_tokenizer else tokenizer)
+  tokenizer, qformer_tokenizer = load_tokenizers(d, tokenizer_dir)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
   # Checked now, before any model is built: a damaged store stops the run at once.
   stores.open_builder(_store_path(store_dir, stores.DIALOGUE_STORE),
@@ -225,7 +275,7 @@ def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   # Each process assembles its share of the global batch (train.batch_size).
   layout = Layout.from_config(config, process_count=jax.process_count())
   topk = None if d.candidates == "annotation" else topk_store.TopKStore(d.candidates)
-  return Data(tokenizer, qformer_tokenizer, frame_store, store_dir, layout, topk,
+  return Data(tokenizer, qformer_tokenizer or tokenizer, frame_store, store_dir, layout, topk,
               d.num_candidates)
 
 
@@ -261,21 +311,100 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None =
         f"weights with: python -m ivcr_jax.import_weights --config=configs/interllava.py"
         f"{':' + config.preset if config.preset != 'official' else ''} --out={path}")
   logging.info("restoring the initial weights from %s", path)
-  return checkpoint_chain.load_init_checkpoint(path, make, mesh, config.mesh.rules)
+  return checkpointing.restore_model(path, make, mesh, config.mesh.rules)
+
+
+# ------------------------------------------------------------- runs of the entry points
+
+
+def load_official_denominators(config: ml_collections.ConfigDict, store_dir: str, split: str
+                               ) -> metrics.Denominators:
+  """The official counts from the annotation file the stores were built from (else
+  `data.annotations`)."""
+  report = prepare.read_report(store_dir) or {}
+  path = report.get("annotations") or config.data.annotations
+  if not path or not os.path.exists(path):
+    raise MissingInputsError(
+        f"official denominators count the turns of the annotation file, which is not there "
+        f"({path!r}; from {store_dir}/{prepare.REPORT_FILE} or data.annotations)")
+  return metrics.official_denominators(read_json(path), split, source=path)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split: str = "test",
+             history: str = "oracle", step: int | None = None, max_dialogues: int = 0,
+             official_parsing: bool | None = None, official_denominators: bool | None = None
+             ) -> dict:
+  """Restores a run's checkpoint, answers every turn of `split`, writes the outputs under
+  `workdir/eval/<split>[_interactive]` and returns the metrics (the demo's training run calls
+  this too). `official_parsing` / `official_denominators` default to `config.evaluation`'s."""
+  ev_cfg = config.evaluation
+  official_parsing = ev_cfg.official_parsing if official_parsing is None else official_parsing
+  if official_denominators is None:
+    official_denominators = ev_cfg.official_denominators
+  check_inputs(config)
+  use_compilation_cache(config)
+  data = open_data(config, workdir)
+  denominators = None
+  if official_denominators:
+    denominators = load_official_denominators(config, data.store_dir, split)
+    if max_dialogues:
+      logging.warning("official denominators count every %s turn, but only %d dialogues are "
+                      "evaluated: the figures are lower bounds", split, max_dialogues)
+  model = build_model(config, data.tokenizer)
+  step = checkpointing.restore_trained(model, config.model.trainable,
+                                       os.path.join(workdir, "checkpoints"), step)
+  dialogues = data.dialogues(split)
+  if max_dialogues:
+    dialogues = dialogues[:max_dialogues]
+  scored = evaluator.scored_dialogues(dialogues, official_denominators)
+  if len(scored) < len(dialogues):
+    logging.info("official denominators: %d type-[%d] dialogues are counted as misses, not "
+                 "answered (B10)", len(dialogues) - len(scored),
+                 metrics.OFFICIAL_UNSCORED_TYPE)
+  dialogues = scored
+  # Every process assembles whole batches (the same ones), so the layout is the global one.
+  encoder = data.encoder(config, training=False, model=model, layout=Layout.from_config(config))
+  ev = evaluator.Evaluator(model, encoder, data.tokenizer, config.generation,
+                           batch_size=config.train.batch_size,
+                           mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
+  preds = evaluator.evaluate_dialogues(ev, dialogues, history, official_parsing=official_parsing)
+  preds = evaluator.with_ranking(ev, dialogues, preds)
+  out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
+  if multihost.is_main():  # every process computed the same answers; one writes them
+    out = evaluator.write_outputs(preds, out_dir, official_parsing=official_parsing,
+                                  denominators=denominators)
+  else:
+    out = metrics.compute([p.result for p in preds], denominators=denominators)
+  multihost.barrier(f"eval:{out_dir}")
+  out["checkpoint_step"] = step
+  out["generation"] = dict(ev.stats)
+  logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)
+  return out
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, out: str, *,
+           step: int | None = None, log: Log = logging.info) -> int:
+  """Builds the model as training did, restores the trained parameters of `workdir` (latest or
+  `step`) and writes `out`; returns the step exported."""
+  tokenizer, qformer_tokenizer = open_tokenizers(config, workdir)
+  model = build_model(config, tokenizer)
+  step = checkpointing.restore_trained(model, config.model.trainable,
+                                       os.path.join(workdir, "checkpoints"), step)
+  log(f"restored step {step} from {workdir}/checkpoints")
+  export_lib.write_export(model, config, out, tokenizer=tokenizer,
+                          qformer_tokenizer=qformer_tokenizer, step=step, log=log)
+  return step
 
 
 def chat_session(config: ml_collections.ConfigDict, workdir: str,
                  rconfig: ml_collections.ConfigDict, retriever_dir: str, step: int | None = None
                  ) -> ChatSession:
   """The model and retriever of two runs, ready to talk (refuses a retriever of other videos)."""
-  # Imported here: the evaluator imports this module.
-  from ivcr_jax.evaluation.evaluator import Evaluator
-  from ivcr_jax.evaluation.session import ChatSession
-
   use_compilation_cache(config)
   data = open_data(config, workdir)
   model = build_model(config, data.tokenizer)
-  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
+  step = checkpointing.restore_trained(model, config.model.trainable,
+                                       os.path.join(workdir, "checkpoints"), step)
   rstores, rtokenizer = store_dirs(rconfig.data, rconfig.frame_size, retriever_dir)
   retriever = retriever_training.restore(
       rconfig, retriever_dir, retriever_training.open_stores(rconfig, rstores, rtokenizer))

@@ -12,12 +12,9 @@ to assemble the parts in PyTorch); see `ivcr_jax.convert.export`.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 from ivcr_jax import configs, experiment
-from ivcr_jax.convert import export
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset] (as used for training).")
@@ -31,14 +28,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required")
-  try:
-    step = export.export(_CONFIG.value, _WORKDIR.value, _OUT.value, step=_STEP.value)
-  except experiment.MissingInputsError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-  except experiment.FAULTS as e:
-    print(f"{type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
+  with experiment.faults_reported():
+    step = experiment.export(_CONFIG.value, _WORKDIR.value, _OUT.value, step=_STEP.value)
   print(f"exported step {step} to {_OUT.value}")
 
 

@@ -16,14 +16,12 @@ SLURM and Open MPI are detected; elsewhere pass --coordinator_address=HOST:PORT
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 
 from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.data import pipeline
-from ivcr_jax.evaluation import evaluator
 from ivcr_jax.evaluation import metrics as eval_metrics
 from ivcr_jax.training import trainer
 
@@ -42,8 +40,7 @@ def train(config, workdir: str) -> trainer.Result:
   experiment.use_compilation_cache(config)
   os.makedirs(workdir, exist_ok=True)
   if multihost.is_main():
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    experiment.save_config(config, workdir)
   data = experiment.open_data(config, workdir)
   model = experiment.build_model(config, data.tokenizer)
   samples = data.samples("train", config.data.sample_mode)
@@ -88,22 +85,16 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if multihost.is_main():
     logging.info("config (%s):\n%s", config.preset, config)
-  try:
+  with experiment.faults_reported():
     result = train(config, _WORKDIR.value)
     if config.train.evaluate_after and result.step >= config.train.num_steps:
-      metrics = evaluator.run(config, _WORKDIR.value, split="test")
+      metrics = experiment.evaluate(config, _WORKDIR.value, split="test")
       last = result.history[-1] if result.history else {}
       if multihost.is_main():
         print(f"step {result.step}: train loss {last.get('loss', float('nan')):.4f}, "
               f"val loss_lm {last.get('val_loss_lm', float('nan')):.4f}")
         print("test: " + eval_metrics.summary(metrics))
         print(f"(outputs in {os.path.join(_WORKDIR.value, 'eval', 'test')})")
-  except experiment.MissingInputsError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-  except experiment.FAULTS as e:
-    print(f"{type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Evaluation throughput on this machine: answered turns/s and generated tokens/s of
-`evaluator.run` for a briefly trained demo-like model, and the cost of parsing in both modes.
+`experiment.evaluate` for a briefly trained demo-like model, and the cost of parsing in both modes.
 
 Trains the preset on a small toy corpus for `--steps` steps in a temporary directory
-(`ivcr_jax.train.train`), then runs `evaluator.run` on the first `--dialogues` test dialogues
+(`ivcr_jax.train.train`), then runs `experiment.evaluate` on the first `--dialogues` test dialogues
 three times, in one process: cold (compilation included), warm (the embedding and generation
 programs are module-level jits, reused), and warm with `official_parsing` and
 `official_denominators`. Generation figures come from the evaluator's own counters (turns, new
@@ -24,9 +24,8 @@ import jax
 from absl import flags
 
 from configs.interllava import get_config
-from ivcr_jax import train
+from ivcr_jax import experiment, train
 from ivcr_jax.data import answers
-from ivcr_jax.evaluation import evaluator
 
 
 def _config(args: argparse.Namespace):
@@ -65,8 +64,8 @@ def main() -> None:
     rows = []
     for name, official in (("cold", False), ("warm", False), ("warm, official", True)):
       start = time.perf_counter()
-      out = evaluator.run(cfg, workdir, max_dialogues=args.dialogues, official_parsing=official,
-                          official_denominators=official)
+      out = experiment.evaluate(cfg, workdir, max_dialogues=args.dialogues,
+                                official_parsing=official, official_denominators=official)
       rows.append((name, time.perf_counter() - start, out))
     with open(os.path.join(workdir, "eval", "test", "predictions.jsonl"), encoding="utf-8") as f:
       texts = [json.loads(line)["generated"] for line in f]

@@ -52,7 +52,7 @@ def bench(preset: str, args: argparse.Namespace) -> dict:
 
   ids = np.random.default_rng(0).integers(3, llm.vocab_size, (args.batch, args.prompt))
   ours = lambda: jax.block_until_ready(
-      generation.generate(model, ids, max_new_tokens=args.new).tokens)
+      generation.generate(model, ids, sampling=generation.Sampling(args.new)).tokens)
   start = time.perf_counter()
   tokens = np.asarray(ours())
   first = time.perf_counter() - start

@@ -1,11 +1,11 @@
 """The official-shaped training step on one accelerator: tokens/s and MFU per attention
 implementation, in one short run (random weights, a synthetic batch of the pipeline's shapes).
 
-The step is the trainer's (`Split.of`, `place`, `make_train_step`, `jit_train_step`). MFU counts
-model FLOPs as MaxText does and as `plan_7b.analytic_flops` does: the frozen ViT forward once,
-the trained Q-Formers and projection three times, the frozen LLaMA with LoRA twice its forward
-(~4N per token), attention score/value products three times; no remat recompute. Peak: dense
-bf16 FLOP/s of the device (`--peak`, or known from its kind).
+The step is the trainer's (`TrainableSplit.of`, `place`, `make_train_step`, `jit_train_step`). MFU
+counts model FLOPs as MaxText does and as `plan_7b.analytic_flops` does: the frozen ViT forward
+once, the trained Q-Formers and projection three times, the frozen LLaMA with LoRA twice its forward
+(~4N per token), attention score/value products three times; no remat recompute. Peak: dense bf16
+FLOP/s of the device (`--peak`, or known from its kind).
 
   PYTHONPATH=. python scripts/bench_gpu_step.py [--impls xla,cudnn] [--llm_depth 32] ...
 
@@ -81,7 +81,7 @@ def run(preset: str, impl: str, *, seq: int, videos: int, frames: int, batch_siz
   mesh = sharding.make_mesh(cfg.mesh)
   model = sharding.create_sharded(lambda: InterLLaVA(cfg.model, rngs=nnx.Rngs(0)), mesh,
                                   cfg.mesh.rules)
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   tx = optimizer.make_optimizer(cfg.train)
   state, frozen = step_lib.place(split, tx, mesh, cfg.mesh.rules)
   loss_cfg = step_lib.LossConfig.from_config(cfg.train, tuple(range(10)))

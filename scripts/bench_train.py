@@ -2,11 +2,11 @@
 dialogue vs prefix mode, and frames vs the feature store, at the `tiny` and `small` presets.
 
 Everything is measured side by side in one run on this machine. The step is the trainer's
-(`Split.of`, `place`, `make_train_step`, `jit_train_step`: shardings and a donated state), fed
-with batches that the pipeline's `assemble` builds from the toy corpus (random initial weights;
-AdamW every step, `grad_accum=1`). FLOPs per step come from XLA's cost analysis of the compiled
-step with every layer unrolled (`model.{vit,llm}.scan_layers=False`), because XLA counts a
-scanned loop body once; the default scanned step is timed beside it, with its (under)count.
+(`TrainableSplit.of`, `place`, `make_train_step`, `jit_train_step`: shardings and a donated state),
+fed with batches that the pipeline's `assemble` builds from the toy corpus (random initial weights;
+AdamW every step, `grad_accum=1`). FLOPs per step come from XLA's cost analysis of the compiled step
+with every layer unrolled (`model.{vit,llm}.scan_layers=False`), because XLA counts a scanned loop
+body once; the default scanned step is timed beside it, with its (under)count.
 Achieved FLOP/s are a fraction of this CPU's float32 matmul limit measured in the same run.
 
 Sequence and video-table buckets are the benchmark's own (printed), fitted to the toy corpus's
@@ -104,7 +104,7 @@ class Runner:
   def __init__(self, config: ml_collections.ConfigDict, data: experiment.Data, repeats: int):
     self.config, self.data, self.repeats = config, data, repeats
     self.model = experiment.build_model(config, data.tokenizer)
-    self.split = step_lib.Split.of(self.model, config.model.trainable)
+    self.split = step_lib.TrainableSplit.of(self.model, config.model.trainable)
     self.tx = optimizer.make_optimizer(config.train)
     self.mesh = sharding.make_mesh(config.mesh)
     self.loss_cfg = step_lib.LossConfig.from_config(config.train,

@@ -114,7 +114,7 @@ def test_official_parsing_and_denominators_reach_metrics_json(toy_run):
   preds = evaluator.evaluate_dialogues(ev, dialogues, "oracle", official_parsing=True)
   turns = sum(len(d.turns) for d in dialogues)
   assert ev.stats["turns"] == turns and ev.stats["new_tokens"] >= turns
-  den = evaluator.load_official_denominators(cfg, data.store_dir, "test")
+  den = experiment.load_official_denominators(cfg, data.store_dir, "test")
   with open(prepare.read_report(data.store_dir)["annotations"], encoding="utf-8") as f:
     raw = [r for r in json.load(f) if r["split"] == "test"]
   gpt = [c for r in raw for c in r["conversations"] if c["from"] == "gpt"]
@@ -144,7 +144,7 @@ def test_official_denominators_do_not_answer_type7_dialogues(toy_run):
 def test_missing_annotations_for_official_denominators(toy_run, tmp_path):
   cfg, _, _, _ = toy_run
   with pytest.raises(experiment.MissingInputsError, match="official denominators"):
-    evaluator.load_official_denominators(cfg, str(tmp_path), "test")
+    experiment.load_official_denominators(cfg, str(tmp_path), "test")
 
 
 def _moment_dialogue(data):

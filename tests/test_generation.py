@@ -11,6 +11,7 @@ from configs.interllava import get_config
 from ivcr_jax.convert import llama_hf
 from ivcr_jax.convert.sources import DictSource
 from ivcr_jax.models import generation, llama
+from ivcr_jax.models.generation import Sampling
 
 VOCAB = 96
 
@@ -58,25 +59,25 @@ def test_greedy_equals_transformers_generate(pair):
   with torch.no_grad():
     ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                       max_new_tokens=32, do_sample=False)[:, ids.shape[1]:].numpy()
-  out = generation.generate(model, ids, attention_mask=mask, max_new_tokens=32)
+  out = generation.generate(model, ids, attention_mask=mask, sampling=Sampling(32))
   np.testing.assert_array_equal(out.tokens, ref)
   np.testing.assert_array_equal(out.lengths, [32] * 3)
 
   # Right padding and each row alone give the same tokens.
   right_ids, right_mask = right_padded(ids, mask)
-  right = generation.generate(model, right_ids, attention_mask=right_mask, max_new_tokens=32)
+  right = generation.generate(model, right_ids, attention_mask=right_mask, sampling=Sampling(32))
   np.testing.assert_array_equal(right.tokens, ref)
-  alone = generation.generate(model, ids[2:, -3:], max_new_tokens=32)
+  alone = generation.generate(model, ids[2:, -3:], sampling=Sampling(32))
   np.testing.assert_array_equal(alone.tokens[0], ref[2])
 
 
 def test_inputs_embeds_equal_ids(pair):
   _, model = pair
   ids, mask = left_padded([9, 5], seed=1)
-  from_ids = generation.generate(model, ids, attention_mask=mask, max_new_tokens=16)
+  from_ids = generation.generate(model, ids, attention_mask=mask, sampling=Sampling(16))
   embeds = model.embed(jnp.asarray(ids))
   from_embeds = generation.generate(model, inputs_embeds=embeds, attention_mask=mask,
-                                    max_new_tokens=16)
+                                    sampling=Sampling(16))
   np.testing.assert_array_equal(from_embeds.tokens, from_ids.tokens)
 
 
@@ -84,10 +85,10 @@ def test_eos_stops_each_row_and_pads(pair):
   _, model = pair
   ids, mask = left_padded([8, 6], seed=2)
   free = np.asarray(generation.generate(model, ids, attention_mask=mask,
-                                        max_new_tokens=20).tokens)
+                                        sampling=Sampling(20)).tokens)
   eos = int(free[0, 4])
   first = [int(np.argmax(row == eos)) if (row == eos).any() else None for row in free]
-  out = generation.generate(model, ids, attention_mask=mask, max_new_tokens=20,
+  out = generation.generate(model, ids, attention_mask=mask, sampling=Sampling(20),
                             eos_token_id=[eos, VOCAB + 1], pad_token_id=1)
   for b, stop in enumerate(first):
     n = 20 if stop is None else stop + 1
@@ -99,13 +100,17 @@ def test_eos_stops_each_row_and_pads(pair):
 def test_sampling_is_seeded_and_honours_top_p(pair):
   _, model = pair
   ids, mask = left_padded([6, 4], seed=3)
-  kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=True, temperature=1.5)
-  a = generation.generate(model, ids, seed=1, **kw).tokens
-  np.testing.assert_array_equal(a, generation.generate(model, ids, seed=1, **kw).tokens)
-  assert (np.asarray(a) != np.asarray(generation.generate(model, ids, seed=2, **kw).tokens)).any()
-  greedy = generation.generate(model, ids, attention_mask=mask, max_new_tokens=24).tokens
+
+  def sampled(**kw):
+    sampling = Sampling(max_new_tokens=24, do_sample=True, temperature=1.5, **kw)
+    return generation.generate(model, ids, attention_mask=mask, sampling=sampling).tokens
+
+  a = sampled(seed=1)
+  np.testing.assert_array_equal(a, sampled(seed=1))
+  assert (np.asarray(a) != np.asarray(sampled(seed=2))).any()
+  greedy = generation.generate(model, ids, attention_mask=mask, sampling=Sampling(24)).tokens
   assert (np.asarray(a) != np.asarray(greedy)).any()
-  nucleus = generation.generate(model, ids, seed=1, top_p=1e-6, **kw).tokens
+  nucleus = sampled(seed=1, top_p=1e-6)
   np.testing.assert_array_equal(nucleus, greedy)
 
 
@@ -126,10 +131,10 @@ def test_one_compilation_per_bucket(pair):
   assert generation.bucket_length(5) == 16 and generation.bucket_length(16) == 16
   assert generation.bucket_length(17) == 32 and generation.bucket_length(9000) == 12288
   ids = np.random.default_rng(5).integers(3, VOCAB, (2, 14))
-  generation.generate(model, ids[:, :5], max_new_tokens=8)
+  generation.generate(model, ids[:, :5], sampling=Sampling(8))
   before = generation._generate._cache_size()
   for n in (6, 11, 14):
-    generation.generate(model, ids[:, :n], max_new_tokens=8)
+    generation.generate(model, ids[:, :n], sampling=Sampling(8))
   assert generation._generate._cache_size() == before
 
 
@@ -140,8 +145,8 @@ def test_generation_with_lora_equals_merged():
   for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
     var.set_value(jnp.asarray(rng.normal(0, 0.5, var.shape), var.dtype))
   ids = rng.integers(0, cfg.llm.vocab_size, (1, 7))
-  with_adapters = generation.generate(model, ids, max_new_tokens=12).tokens
+  with_adapters = generation.generate(model, ids, sampling=Sampling(12)).tokens
   llama.merge_lora(model)
-  np.testing.assert_array_equal(generation.generate(model, ids, max_new_tokens=12).tokens,
+  np.testing.assert_array_equal(generation.generate(model, ids, sampling=Sampling(12)).tokens,
                                 with_adapters)
   assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam)) == []

@@ -117,19 +117,6 @@ def test_inputs_embeds_and_hidden(pair):
     model(ids, inputs_embeds=model.embed(ids))
 
 
-def test_packed_segments_equal_separate_sequences(pair):
-  _, _, model = pair
-  rng = np.random.default_rng(2)
-  a, b = rng.integers(0, 96, 7), rng.integers(0, 96, 5)
-  packed = np.concatenate([a, b])[None]
-  segments = np.array([[0] * 7 + [1] * 5])
-  positions = np.array([list(range(7)) + list(range(5))])
-  out = np.asarray(model(jnp.asarray(packed), segment_ids=jnp.asarray(segments),
-                         position_ids=jnp.asarray(positions)))[0]
-  assert_close(out[:7], np.asarray(model(jnp.asarray(a[None])))[0])
-  assert_close(out[7:], np.asarray(model(jnp.asarray(b[None])))[0])
-
-
 def _policies(jaxpr):
   """The `jax.checkpoint` policies in `jaxpr` and its sub-jaxprs."""
   for eqn in jaxpr.eqns:
@@ -324,24 +311,3 @@ def test_lora_init_and_trainable_selection():
   assert names == {"lora_a", "lora_b"}
   assert len(list(nnx.to_flat_state(train))) == 2 * len(cfg.lora.targets)
   assert all(p[-1] not in names for p, _ in nnx.to_flat_state(frozen))
-
-
-def test_grow_vocab_rows_are_the_mean():
-  hf = torch_llama("mha")
-  model = from_torch(hf, model_config(hf))
-  emb, head = np.asarray(model.embed_tokens.embedding[...]), np.asarray(model.lm_head.kernel[...])
-  ids = jnp.asarray([[3, 7, 11]])
-  before = np.asarray(model(ids))
-  llama.grow_vocab(model)
-  n = len(llama.IVCR_TOKENS)
-  new_emb, new_head = np.asarray(model.embed_tokens.embedding[...]), np.asarray(
-      model.lm_head.kernel[...])
-  assert new_emb.shape == (96 + n, 64) and new_head.shape == (64, 96 + n)
-  np.testing.assert_array_equal(new_emb[:96], emb)
-  np.testing.assert_allclose(new_emb[96:], np.repeat(emb.mean(0, keepdims=True), n, 0), atol=1e-7)
-  np.testing.assert_allclose(new_head[:, 96:], np.repeat(head.mean(1, keepdims=True), n, 1),
-                             atol=1e-7)
-  after = np.asarray(model(ids))
-  assert after.shape == (1, 3, 96 + n) and model.cfg.vocab_size == 96 + n
-  np.testing.assert_allclose(after[..., :96], before, atol=1e-6)
-  assert model.embed_tokens.embedding.get_metadata()["out_sharding"] == ("vocab", "embed")

@@ -15,9 +15,9 @@ from safetensors.numpy import load_file, save_file
 from configs.interllava import get_config
 from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
-from ivcr_jax.convert.mapping import CheckpointError
 from ivcr_jax.convert.sources import DictSource, SafetensorsSource, TorchFileSource
 from ivcr_jax.models import llama
+from ivcr_jax.training.checkpointing import CheckpointError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -9,9 +9,8 @@ import jax
 from flax import nnx
 
 from ivcr_jax import sharding
-from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.models.interllava import InterLLaVA
-from ivcr_jax.training import optimizer
+from ivcr_jax.training import checkpointing, optimizer
 from ivcr_jax.training import step as step_lib
 
 
@@ -42,7 +41,7 @@ def _config(tiny_config):
 
 
 def _placed(cfg, model):
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   return step_lib.place(split, optimizer.make_optimizer(cfg.train),
                         sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
 
@@ -81,11 +80,11 @@ def test_restored_initial_weights_go_straight_into_their_shardings(tiny_config, 
   mesh = sharding.make_mesh(cfg.mesh)
   make = lambda: InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
   source = make()
-  checkpoint_chain.save_init_checkpoint(source, tmp_path / "init", {})
+  checkpointing.save_model(source, tmp_path / "init", {})
   expected = nnx.to_pure_dict(nnx.state(source))
   del source
   before = _live_bytes()
-  model = checkpoint_chain.load_init_checkpoint(tmp_path / "init", make, mesh, cfg.mesh.rules)
+  model = checkpointing.restore_model(tmp_path / "init", make, mesh, cfg.mesh.rules)
   state, frozen = _placed(cfg, model)
   extra = _extra(before, state, frozen)
   assert all(b <= 0 for b in extra.values()), extra

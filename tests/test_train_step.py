@@ -65,7 +65,7 @@ def _setup(cfg, mesh_shape, *, alpha=0.01, beta=0.01):
     cfg.train.update(dict(alpha=alpha, beta=beta, grad_accum=1))
   model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
   batch = synthetic_batch(cfg, model)
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   tx = optimizer.make_optimizer(cfg.train)
   mesh = sharding.make_mesh(cfg.mesh)
   state, frozen = step_lib.place(split, tx, mesh, cfg.mesh.rules)
@@ -106,7 +106,7 @@ def test_optimizer_state_is_sharded_like_the_parameters(tiny_config, accum, tmp_
   with cfg.unlocked():
     cfg.mesh.shape = (1, 8, 1)
     cfg.train.grad_accum = accum  # 4: optax.MultiSteps keeps accumulated gradients too
-  split = step_lib.Split.of(InterLLaVA(cfg.model, rngs=nnx.Rngs(0)), cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(InterLLaVA(cfg.model, rngs=nnx.Rngs(0)), cfg.model.trainable)
   tx = optimizer.make_optimizer(cfg.train)
   state, _ = step_lib.place(split, tx, sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
   params, opt = state["params"], state["opt"]
@@ -171,7 +171,8 @@ def test_model_activations_are_constrained_to_the_batch_axes(tiny_config):
   forward = lambda state, batch: nnx.merge(graphdef, state)(batch)
   lowered = lambda fn: jax.jit(fn).lower(state, batch).as_text()
   assert "sharding_constraint" not in lowered(forward)
-  in_context = step_lib.pinned(forward, mesh, cfg.mesh.rules)  # as the train and eval steps
+  # As the train and eval steps trace it:
+  in_context = step_lib.with_activation_sharding(forward, mesh, cfg.mesh.rules)
   lines = [line for line in lowered(in_context).splitlines() if "sharding_constraint" in line]
   assert lines and all('[{"data", "fsdp"}, {}' in line for line in lines)
   hidden = cfg.model.llm.hidden
@@ -186,7 +187,7 @@ def test_aux_terms_alone_have_gradients_on_trainable_params(tiny_config):
   cfg = tiny_config
   model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
   batch = synthetic_batch(cfg, model)
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   loss_cfg = step_lib.LossConfig(alpha=0.01, beta=0.01, span_loss="giou", digit_ids=DIGITS)
 
   def aux_only(params):
@@ -225,7 +226,7 @@ def test_the_step_never_builds_logits_for_every_position(tiny_config):
     cfg.train.lm_loss_chunk = 32
   model = InterLLaVA(cfg.model, rngs=nnx.Rngs(0))
   batch = synthetic_batch(cfg, model)  # 4 sequences of 96 positions
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   loss_cfg = step_lib.LossConfig.from_config(cfg.train, DIGITS)
   loss = lambda p: step_lib.loss_and_metrics(split.merge(p, split.frozen), batch, loss_cfg,
                                              None)[0]

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from ivcr_jax.convert import vision as vision_tables
-from ivcr_jax.convert.mapping import load_into
+from ivcr_jax.convert.mapping import assign_params
 from ivcr_jax.convert.sources import DictSource
 from ivcr_jax.models.eva_vit import EvaViT
 from ivcr_jax.models.qformer import QFormer
@@ -45,7 +45,7 @@ def vit_pair(tiny_config, seed=0, family="instructblip"):
   torch_vit.post_layernorm.eps = cfg.ln_vision_eps  # LAVIS ln_vision uses 1e-5
   randomize(torch_vit, seed)
   vit = EvaViT(cfg, rngs=nnx.Rngs(1))
-  load_into(vit, vision_tables.vit_rules(cfg, "hf", target=""),
+  assign_params(vit, vision_tables.vit_rules(cfg, "hf", target=""),
             DictSource(torch_vit.state_dict()))
   return torch_vit, vit
 
@@ -74,8 +74,8 @@ def qformer_pair(cfg, *, encoder_width, text_input, seed, vocab=120):
   with cfg.unlocked():
     cfg.vocab_size = vocab
   ours = QFormer(cfg, encoder_width=encoder_width, text_input=text_input, rngs=nnx.Rngs(0))
-  unused = load_into(ours, vision_tables.qformer_rules(cfg, "hf", "", "", text_input=text_input),
-                     DictSource(torch_q.state_dict()))
+  rules = vision_tables.qformer_rules(cfg, "hf", "", "", text_input=text_input)
+  unused = assign_params(ours, rules, DictSource(torch_q.state_dict()), strict=False)
   return torch_q, ours, unused
 
 

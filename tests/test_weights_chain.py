@@ -12,8 +12,10 @@ from flax import nnx
 from configs.interllava import get_config
 from ivcr_jax import experiment, sharding
 from ivcr_jax.convert import checkpoint_chain
-from ivcr_jax.convert.mapping import CheckpointError, Int8Linear
+from ivcr_jax.convert.mapping import Int8Linear
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.training import checkpointing
+from ivcr_jax.training.checkpointing import CheckpointError
 
 LLAMA_VOCAB = 1024  # the toy tokenizer's vocabulary before the 5 IVCR tokens
 TIMECHAT_FRAMES = 96  # TimeChat's frame positions; the official model has 64
@@ -228,7 +230,7 @@ def test_official_chain_order_resize_and_override(files, tokenizer, tmp_path):
   assert restored.keys() == expected.keys()
   for p, value in expected.items():
     np.testing.assert_array_equal(restored[p], value, err_msg=str(p))
-  assert checkpoint_chain.read_meta(out)["log"] == logs[:-1]
+  assert checkpointing.read_model_meta(out)["log"] == logs[:-1]
 
 
 def test_ivcr_checkpoint_replaces_timechat_and_videollama(files, tokenizer, tmp_path):
@@ -447,14 +449,14 @@ def test_bad_files_fail_naming_the_file_or_key(files, tokenizer, tmp_path):
   model = checkpoint_chain.build_initial_model(
       m, {**EMPTY, "llama": paths["llama"], "timechat": paths["timechat"],
           "eva_vit": paths["eva_vit"], "instructblip": paths["instructblip"]}, seed=0)
-  checkpoint_chain.save_init_checkpoint(model, tmp_path / "init", {})
+  checkpointing.save_model(model, tmp_path / "init", {})
   other = m.copy_and_resolve_references()
   other.video.max_frame_pos = 32
   from ivcr_jax.models.interllava import InterLLaVA
 
   with pytest.raises(CheckpointError, match=r"frame_position_embedding/embedding: stored "
                                             r"\(64, 64\), model \(32, 64\)"):
-    checkpoint_chain.load_init_checkpoint(tmp_path / "init",
+    checkpointing.restore_model(tmp_path / "init",
                                           lambda: InterLLaVA(other, rngs=nnx.Rngs(0)),
                                           sharding.make_mesh(get_config("tiny").mesh),
                                           get_config("tiny").mesh.rules)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from ivcr_jax.models import trainable
+
 PRESETS = ("official", "paper", "small", "tiny", "demo")
 
 # Logical axis name -> mesh axis (or axes) it is sharded over; unlisted names are replicated.
@@ -84,9 +86,8 @@ def _model() -> ml_collections.ConfigDict:
       remat_policy="full", scan_layers=True))
   m.lora = ml_collections.ConfigDict(dict(
       rank=32, alpha=32.0, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
-  # Parameter groups that are trained (ivcr_jax.models.trainable); the rest is frozen.
-  m.trainable = ("qformer", "query_tokens", "frame_position_embedding", "video_qformer",
-                 "video_query_tokens", "projection", "lora")
+  # Parameter groups that are trained (ivcr_jax.models.trainable.GROUPS); the rest is frozen.
+  m.trainable = trainable.OFFICIAL
   return m
 
 

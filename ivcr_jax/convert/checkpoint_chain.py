@@ -34,13 +34,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
-from ivcr_jax.convert.mapping import CheckpointError, Int8Linear, Linear, Path, Rule
+from ivcr_jax.convert.mapping import Int8Linear, Linear, Log, Path, Rule, assign_params
 from ivcr_jax.convert.sources import (
     SafetensorsSource,
     TensorSource,
@@ -48,15 +46,13 @@ from ivcr_jax.convert.sources import (
     directory_source,
 )
 from ivcr_jax.convert.vision import qformer_rules, vision_tower_rules, vit_rules
+from ivcr_jax.models import trainable
 from ivcr_jax.models.interllava import InterLLaVA
-
-Log = Callable[[str], None]
+from ivcr_jax.training import checkpointing
+from ivcr_jax.training.checkpointing import CheckpointError, some
 
 # Chain order; `ivcr` replaces `timechat` and `videollama` (official evaluation, §6.3).
 STEPS = ("eva_vit", "instructblip", "llama", "timechat", "videollama", "ivcr")
-# What an official IVCR checkpoint holds (§6.2), by group of `official_groups`.
-OFFICIAL_TRAINABLE = ("qformer", "query_tokens", "frame_position_embedding", "video_qformer",
-                      "video_query_tokens", "projection", "lora")
 # Keys the official code also skips or that it never uses (§6.1-6.2): buffers, the unused BERT LM
 # head, InstructBLIP's own LLM projection and LLM, and bitsandbytes int8 side buffers.
 LAVIS_IGNORED = (r"(^|\.)position_ids$", r"^Qformer\.cls\.", r"^llm_proj\.", r"^llm_model\.",
@@ -66,7 +62,6 @@ EVA_IGNORED = (r"^(norm|fc_norm|head)\.",)
 HF_BLIP_IGNORED = (r"(^|\.)position_ids$", r"^language_model\.", r"^language_projection\.")
 VIDEO_LLAMA_PREFIX = "video_Qformer"
 OFFICIAL_LORA_PREFIX = "llama_model."
-META_FILE = "meta"
 
 
 def official_lora_key(peft_key: str) -> str:
@@ -135,7 +130,7 @@ def official_llama_rules(cfg: ml_collections.ConfigDict, keys: Iterable[str]) ->
 
 
 def official_rules(cfg: ml_collections.ConfigDict,
-                   groups: Sequence[str] = OFFICIAL_TRAINABLE) -> list[Rule]:
+                   groups: Sequence[str] = trainable.OFFICIAL) -> list[Rule]:
   """The rules of `groups` of `official_groups` (default: an IVCR checkpoint's content)."""
   table = official_groups(cfg)
   return [r for g in groups if g in table for r in table[g]]
@@ -145,8 +140,10 @@ def official_rules(cfg: ml_collections.ConfigDict,
 
 
 @dataclasses.dataclass
-class Load:
-  """One step: which groups of `source` to read into which parameters."""
+class FileStep:
+  """A step of the chain that reads parameter groups from one checkpoint file (LAVIS, TimeChat,
+  Video-LLaMA, IVCR or an HF vision directory): which groups of `source` go into which
+  parameters."""
 
   step: str
   source: TensorSource
@@ -167,17 +164,14 @@ class Load:
     read = {k for r in rules for k in r.sources}
     missing = sorted(read - keys)
     if missing:
-      raise CheckpointError(f"{name}: missing keys: {', '.join(missing[:20])}"
-                            + (f" ... ({len(missing)} in all)" if len(missing) > 20 else ""))
+      raise CheckpointError(f"{name}: missing keys: {some(missing)}")
     rest = sorted(keys - read)
     skipped = [k for k in rest if (self.only_prefix and not k.startswith(self.only_prefix))
                or any(re.search(p, k) for p in self.ignored)]
     unknown = sorted(set(rest) - set(skipped))
     if unknown:
-      raise CheckpointError(
-          f"{name}: unexpected keys: {', '.join(unknown[:20])}"
-          + (f" ... ({len(unknown)} in all)" if len(unknown) > 20 else "")
-          + "; the file does not fit the model config or the expected layout")
+      raise CheckpointError(f"{name}: unexpected keys: {some(unknown)}; the file does not fit "
+                            "the model config or the expected layout")
     for r in rules:
       shape = shapes[r.target][1:] if r.layer is not None else shapes[r.target]
       for key, expected in zip(r.sources, r.transform.source_shapes(shape), strict=True):
@@ -192,7 +186,7 @@ class Load:
 
 
 @dataclasses.dataclass
-class LlamaLoad:
+class HFLlamaStep:
   """The HF LLaMA step (`llama_hf.load_hf_weights`: config check, mean rows, strict keys)."""
 
   step: str
@@ -226,36 +220,37 @@ def _hf_prefix(source: TensorSource, prefix: str) -> str:
   return prefix if any(k.startswith(prefix) for k in source.keys()) else ""
 
 
-def _eva_load(cfg: ml_collections.ConfigDict, path: str) -> Load:
+def _eva_load(cfg: ml_collections.ConfigDict, path: str) -> FileStep:
   source = open_source(path)
   if os.path.isdir(path):
     prefix = _hf_prefix(source, "vision_model.")
     groups = _by_group(vit_rules(cfg.vit, "hf", prefix=prefix), ("vision",), _vit_group)
-    return Load("eva_vit", source, groups, ("visual_encoder",), only_prefix=prefix)
+    return FileStep("eva_vit", source, groups, ("visual_encoder",), only_prefix=prefix)
   groups = _by_group(vit_rules(cfg.vit, "lavis"), ("vision",), _vit_group)
-  return Load("eva_vit", source, groups, ("visual_encoder",), EVA_IGNORED)
+  return FileStep("eva_vit", source, groups, ("visual_encoder",), EVA_IGNORED)
 
 
-def _instructblip_load(cfg: ml_collections.ConfigDict, path: str) -> Load:
+def _instructblip_load(cfg: ml_collections.ConfigDict, path: str) -> FileStep:
   if not os.path.isdir(path):
-    return Load("instructblip", open_source(path, "model"), official_groups(cfg),
+    return FileStep("instructblip", open_source(path, "model"), official_groups(cfg),
                 ("qformer", "query_tokens"), LAVIS_IGNORED)
   source = open_source(path)
   groups = _by_group(vit_rules(cfg.vit, "hf", prefix="vision_model."), ("vision",), _vit_group)
   groups["qformer"] = rooted(qformer_rules(cfg.qformer, "hf", "qformer.", "qformer",
                                            text_input=cfg.qformer.text_input), ("vision",))
   groups["query_tokens"] = official_groups(cfg)["query_tokens"]
-  return Load("instructblip", source, groups, ("qformer", "query_tokens"), HF_BLIP_IGNORED)
+  return FileStep("instructblip", source, groups, ("qformer", "query_tokens"), HF_BLIP_IGNORED)
 
 
-def plan(cfg: ml_collections.ConfigDict, weights: Mapping[str, str]) -> list[Load | LlamaLoad]:
+def plan(cfg: ml_collections.ConfigDict, weights: Mapping[str, str]
+         ) -> list[FileStep | HFLlamaStep]:
   """The loads of the configured chain, files opened (not read); raises FileNotFoundError
   naming every configured file that does not exist."""
   names = [s for s in STEPS if weights.get(s)]
   missing = [f"weights.{s} = {weights[s]}" for s in names if not os.path.exists(weights[s])]
   if missing:
     raise FileNotFoundError("missing initial weights:\n  " + "\n  ".join(missing))
-  loads: list[Load | LlamaLoad] = []
+  loads: list[FileStep | HFLlamaStep] = []
   for step in names:
     path = os.fspath(weights[step])
     if step == "eva_vit":
@@ -263,7 +258,7 @@ def plan(cfg: ml_collections.ConfigDict, weights: Mapping[str, str]) -> list[Loa
     elif step == "instructblip":
       loads.append(_instructblip_load(cfg, path))
     elif step == "llama":
-      loads.append(LlamaLoad(step, path, cfg.llm.depth))
+      loads.append(HFLlamaStep(step, path, cfg.llm.depth))
     elif step in ("timechat", "ivcr"):
       if step == "timechat" and weights.get("ivcr"):
         continue
@@ -271,11 +266,11 @@ def plan(cfg: ml_collections.ConfigDict, weights: Mapping[str, str]) -> list[Loa
       source = open_source(path, "model", bare=step == "ivcr")
       if step == "ivcr":
         groups["llama"] = official_llama_rules(cfg, source.keys())
-      loads.append(Load(step, source, groups,
-                        tuple(g for g in OFFICIAL_TRAINABLE if g in groups), LAVIS_IGNORED))
+      loads.append(FileStep(step, source, groups,
+                        tuple(g for g in trainable.OFFICIAL if g in groups), LAVIS_IGNORED))
     elif step == "videollama" and not weights.get("ivcr"):
       groups = {"video_qformer": official_groups(cfg)["video_qformer"]}
-      loads.append(Load(step, open_source(path, "model"), groups, ("video_qformer",),
+      loads.append(FileStep(step, open_source(path, "model"), groups, ("video_qformer",),
                         LAVIS_IGNORED, only_prefix=VIDEO_LLAMA_PREFIX))
   return loads
 
@@ -310,81 +305,15 @@ def build_initial_model(cfg: ml_collections.ConfigDict, weights: Mapping[str, st
   nnx.update(model, jax.jit(lambda: nnx.state(make(), fresh))())
   log(f"initialised {len(shapes) - len(covered)} parameters that no step supplies (seed {seed})")
   for load, present, skipped in checked:
-    if isinstance(load, LlamaLoad):
+    if isinstance(load, HFLlamaStep):
       llama_hf.load_hf_weights(model.llm, load.path, log=lambda m, s=load.step: log(f"{s}: {m}"))
       continue
-    llama_hf.assign_params(model, load.rules(present), load.source, strict=False,
+    assign_params(model, load.rules(present), load.source, strict=False,
                            log=lambda m, s=load.step: log(f"{s}: {m}"))
     log(f"{load.step}: loaded {', '.join(present)}"
         + (f"; skipped {len(skipped)} keys ({', '.join(skipped[:5])}"
            f"{', ...' if len(skipped) > 5 else ''})" if skipped else ""))
   return model
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      params=ocp.StandardCheckpointHandler(), **{META_FILE: ocp.JsonCheckpointHandler()}))
-
-
-def save_init_checkpoint(model: nnx.Module, path: str | os.PathLike, meta: Mapping, *,
-                         overwrite: bool = False) -> None:
-  """Writes every parameter of `model` (frozen and trainable) and `meta` (JSON) to `path`."""
-  path = os.path.abspath(os.fspath(path))
-  params = nnx.to_pure_dict(nnx.state(model))
-  _checkpointer().save(path, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), **{META_FILE: ocp.args.JsonSave(dict(meta))}),
-      force=overwrite)
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def load_init_checkpoint(path: str | os.PathLike, make: Callable[[], nnx.Module],
-                         mesh: jax.sharding.Mesh, rules) -> nnx.Module:
-  """The module `make()` would build, with its parameters restored from `path` straight into
-  their shardings on `mesh` by `rules` (built abstractly first: the random weights never exist,
-  and no parameter lives whole on one device unless the rules replicate it).
-
-  Raises:
-    CheckpointError naming the parameters whose shapes differ or that are missing/extra (e.g. a
-    checkpoint imported for another preset or tokenizer).
-  """
-  path = os.path.abspath(os.fspath(path))
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
-  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        nnx.to_pure_dict(state), shardings)
-  checkpointer = _checkpointer()
-  stored = _flat(checkpointer.metadata(path).item_metadata["params"].tree)
-  wanted = _flat(target)
-  problems = [f"{k}: stored {tuple(stored[k].shape)}, model {tuple(v.shape)}"
-              for k, v in wanted.items() if k in stored and tuple(stored[k].shape) != v.shape]
-  problems += [f"{k}: not in the checkpoint" for k in wanted if k not in stored]
-  problems += [f"{k}: not in the model" for k in stored if k not in wanted]
-  if problems:
-    raise CheckpointError(f"{path} does not fit the model config:\n  "
-                          + "\n  ".join(problems[:20])
-                          + (f"\n  ... ({len(problems)} in all)" if len(problems) > 20 else ""))
-  restored = checkpointer.restore(path, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))["params"]
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state)
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-  """The JSON metadata `save_init_checkpoint` stored (the chain's log, the model config)."""
-  return dict(_checkpointer().restore(os.path.abspath(os.fspath(path)), args=ocp.args.Composite(
-      **{META_FILE: ocp.args.JsonRestore()}))[META_FILE])
 
 
 def import_chain(cfg: ml_collections.ConfigDict, weights: Mapping[str, str],
@@ -403,6 +332,6 @@ def import_chain(cfg: ml_collections.ConfigDict, weights: Mapping[str, str],
   model = build_initial_model(cfg, weights, seed=seed, log=record)
   meta = {"weights": {s: os.fspath(weights[s]) for s in STEPS if weights.get(s)}, "seed": seed,
           "model": json.loads(cfg.to_json_best_effort()), "log": lines}
-  save_init_checkpoint(model, out, meta, overwrite=overwrite)
+  checkpointing.save_model(model, out, meta, overwrite=overwrite)
   log(f"wrote {out}")
   return model

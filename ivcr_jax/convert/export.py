@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -33,49 +33,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from ivcr_jax import experiment
 from ivcr_jax.convert import checkpoint_chain, llama_hf
-from ivcr_jax.convert.mapping import Path, export_params
+from ivcr_jax.convert.mapping import HostParams, Log, Path, export_params
 from ivcr_jax.convert.vision import qformer_rules, vit_rules
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.jsonfile import write_json
 from ivcr_jax.models.eva_vit import CLIP_MEAN, CLIP_STD
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.models.qformer import QFormer
-from ivcr_jax.training import trainer
+from ivcr_jax.training import checkpointing
 
-Log = Callable[[str], None]
 FORMAT = "ivcr_jax-export-1"
 PROJECTOR_GROUPS = ("query_tokens", "video_query_tokens", "frame_position_embedding",
                     "projection")
 # Sizes of the video Q-Former's text embeddings that HF's class creates but never reads.
 UNUSED_TEXT_SIZE = 1
-
-
-class ModuleParams(Mapping):
-  """Path -> host array of a module's variables, fetched on access with one cached, so an
-  export walking a table target by target holds one tensor at a time."""
-
-  def __init__(self, module: nnx.Module):
-    self.variables = dict(nnx.to_flat_state(nnx.state(module)))
-    self._cached: tuple[Path, np.ndarray] | None = None
-
-  def __getitem__(self, path: Path) -> np.ndarray:
-    if self._cached is None or self._cached[0] != path:
-      self._cached = None  # release the previous tensor first
-      self._cached = (path, np.asarray(jax.device_get(self.variables[path].get_value())))
-    return self._cached[1]
-
-  def __iter__(self):
-    return iter(self.variables)
-
-  def __len__(self):
-    return len(self.variables)
-
-
-def _write_json(obj: Mapping, path: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
 
 
 def _dtype_name(module: nnx.Module) -> str:
@@ -121,9 +93,9 @@ def write_vision(model: InterLLaVA, directory: str) -> None:
   """`InstructBlipVisionModel` directory of the ViT and `ln_vision`."""
   vit = model.vision.cfg.vit
   os.makedirs(directory, exist_ok=True)
-  _write_json(vision_hf_config(vit, _dtype_name(model.vision.vit)),
-              os.path.join(directory, "config.json"))
-  tensors = export_params(vit_rules(vit, "hf"), ModuleParams(model.vision))
+  write_json(os.path.join(directory, "config.json"),
+             vision_hf_config(vit, _dtype_name(model.vision.vit)), indent=2, sort_keys=True)
+  tensors = export_params(vit_rules(vit, "hf"), HostParams(model.vision))
   llama_hf.write_safetensors(tensors, directory, "model")
 
 
@@ -140,14 +112,14 @@ def write_qformer(model: InterLLaVA, name: str, directory: str,
   q = _hf_qformer_cfg(cfg[name])
   encoder_width = cfg.vit.width if name == "qformer" else cfg[name].hidden
   os.makedirs(directory, exist_ok=True)
-  _write_json(qformer_hf_config(q, encoder_width=encoder_width, vocab_size=q.vocab_size,
-                                max_position=q.max_position, dtype=_dtype_name(module)),
-              os.path.join(directory, "config.json"))
-  params: Mapping[Path, np.ndarray] = ModuleParams(module)
+  hf_config = qformer_hf_config(q, encoder_width=encoder_width, vocab_size=q.vocab_size,
+                                max_position=q.max_position, dtype=_dtype_name(module))
+  write_json(os.path.join(directory, "config.json"), hf_config, indent=2, sort_keys=True)
+  params: Mapping[Path, np.ndarray] = HostParams(module)
   if module.embeddings.word is None:
     twin = QFormer(q, encoder_width=encoder_width, text_input=True,
                    param_dtype=np.dtype(_dtype_name(module)), rngs=nnx.Rngs(0))
-    params = {**ModuleParams(twin), **params}
+    params = {**HostParams(twin), **params}
   llama_hf.write_safetensors(export_params(qformer_rules(q, "hf", "", "", text_input=True),
                                            params), directory, "model")
   if tokenizer is not None:
@@ -158,13 +130,13 @@ def write_projector(model: InterLLaVA, directory: str) -> None:
   """`projector.safetensors`: query tokens, frame position embedding and `llama_proj` under
   their official names."""
   rules = checkpoint_chain.official_rules(model.vision.cfg, PROJECTOR_GROUPS)
-  llama_hf.write_safetensors(export_params(rules, ModuleParams(model)), directory, "projector")
+  llama_hf.write_safetensors(export_params(rules, HostParams(model)), directory, "projector")
 
 
 def official_state_dict(model: InterLLaVA) -> Iterable[tuple[str, np.ndarray]]:
   """`(key, array)` of an official IVCR checkpoint's `model` entry (reference §6.2, App. B):
   both Q-Formers, query tokens, frame position embedding, projection and LoRA."""
-  return export_params(checkpoint_chain.official_rules(model.vision.cfg), ModuleParams(model))
+  return export_params(checkpoint_chain.official_rules(model.vision.cfg), HostParams(model))
 
 
 def write_official_checkpoint(model: InterLLaVA, path: str, log: Log = logging.info) -> bool:
@@ -238,7 +210,7 @@ def llama_source(config: ml_collections.ConfigDict) -> str | None:
   w = config.weights
   if "llm" in config.model.trainable or not w.init_checkpoint:
     return None
-  return checkpoint_chain.read_meta(w.init_checkpoint).get("weights", {}).get("llama")
+  return checkpointing.read_model_meta(w.init_checkpoint).get("weights", {}).get("llama")
 
 
 def write_export(model: InterLLaVA, config: ml_collections.ConfigDict, out: str, *,
@@ -269,35 +241,11 @@ def write_export(model: InterLLaVA, config: ml_collections.ConfigDict, out: str,
   meta = interllava_config(config, model, tokenizer, step=step,
                            base="llm_base/" if base == os.path.join(out, "llm_base")
                            else f"{base} + mean rows")
-  _write_json(meta, os.path.join(out, "interllava_config.json"))
+  write_json(os.path.join(out, "interllava_config.json"), meta, indent=2, sort_keys=True)
   if write_official_checkpoint(model, os.path.join(out, "ivcr_official.pth"), log):
     log(f"wrote {out}/ivcr_official.pth (official IVCR layout)")
   with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
     f.write(model_card(meta))
-
-
-def run_tokenizers(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any | None]:
-  """The LLM and Q-Former tokenizers a run used (as `experiment.open_data` picks them, without
-  opening the data stores)."""
-  d = config.data
-  path = d.tokenizer or tokenizer_lib.build_toy_tokenizer(
-      os.path.join(workdir, "toy_data", "tokenizer"))
-  qformer = tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer) if d.qformer_tokenizer \
-      else None
-  return tokenizer_lib.load_tokenizer(path), qformer
-
-
-def export(config: ml_collections.ConfigDict, workdir: str, out: str, *,
-           step: int | None = None, log: Log = logging.info) -> int:
-  """Builds the model as training did, restores the trained parameters of `workdir` (latest or
-  `step`) and writes `out`; returns the step exported."""
-  tokenizer, qformer_tokenizer = run_tokenizers(config, workdir)
-  model = experiment.build_model(config, tokenizer)
-  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
-  log(f"restored step {step} from {workdir}/checkpoints")
-  write_export(model, config, out, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
-               step=step, log=log)
-  return step
 
 
 # ------------------------------------------------------------------------------ model card

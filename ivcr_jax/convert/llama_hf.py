@@ -9,11 +9,8 @@ on the fly, tensor by tensor) and PEFT adapter directories with `safetensors.num
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +22,19 @@ from jax.sharding import Mesh
 from ivcr_jax import sharding
 from ivcr_jax.convert.mapping import (
   CheckpointError,
+  HostParams,
   Linear,
-  Path,
+  Log,
   Rule,
+  assign_params,
   export_params,
-  import_params,
   rule,
 )
 from ivcr_jax.convert.sources import TensorSource, directory_source
-from ivcr_jax.models.llama import PROJECTIONS, Llama, LoRADense, append_mean_rows
+from ivcr_jax.jsonfile import read_json, write_json
+from ivcr_jax.models.llama import PROJECTIONS, Llama, LoRADense
 
 PEFT_PREFIX = "base_model.model."
-# Non-persistent buffers that old torch checkpoints still carry; recomputed by the model.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # `model.llm` field -> HF config key, for the fields a checkpoint fixes.
 DIMS = {"hidden": "hidden_size", "depth": "num_hidden_layers", "heads": "num_attention_heads",
         "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "mlp_dim": "intermediate_size",
@@ -45,19 +42,15 @@ DIMS = {"hidden": "hidden_size", "depth": "num_hidden_layers", "heads": "num_att
         "rope_scaling_factor": "rope_scaling.factor"}
 MAX_SHARD_BYTES = 5 * 2**30
 
-Log = Callable[[str], None] | None
 
 
 # ----------------------------------------------------------------------------------- config
 
 
-def read_json(path: str | os.PathLike, default_name: str) -> dict:
+def read_config(path: str | os.PathLike, default_name: str) -> dict:
   """A JSON file, or `default_name` inside a directory."""
   path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, default_name)
-  with open(path) as f:
-    return json.load(f)
+  return read_json(os.path.join(path, default_name) if os.path.isdir(path) else path)
 
 
 def llm_config_from_hf(config: Mapping | str | os.PathLike) -> dict:
@@ -66,7 +59,7 @@ def llm_config_from_hf(config: Mapping | str | os.PathLike) -> dict:
   Understands both the transformers 5 `rope_parameters` and the older `rope_theta` +
   `rope_scaling` keys. Raises CheckpointError for variants this model does not implement.
   """
-  c = dict(config) if isinstance(config, Mapping) else read_json(config, "config.json")
+  c = dict(config) if isinstance(config, Mapping) else read_config(config, "config.json")
   unsupported = {"hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
                  "mlp_bias": False}
   for key, wanted in unsupported.items():
@@ -144,66 +137,18 @@ def lora_rules(depth: int, targets: Iterable[str]) -> list[Rule]:
 # ----------------------------------------------------------------------------------- import
 
 
-def assign_params(model: nnx.Module, rules: Sequence[Rule], source: TensorSource, *,
-                  shardings: nnx.State | None = None, strict: bool = True, log: Log = None
-                  ) -> None:
-  """Sets the rules' target variables of `model` (concrete or `nnx.eval_shape`d) in place.
-
-  One tensor at a time: read it, transform it on the host, put it on the device(s) with the
-  target's sharding (into its layer of a stacked parameter), drop the host copy.
-
-  Raises:
-    CheckpointError naming missing keys, a key with a wrong shape, or (when `strict`) keys of
-    the checkpoint that no rule reads.
-  """
-  available = set(source.keys())
-  wanted = {k for r in rules for k in r.sources}
-  missing = sorted(wanted - available)
-  if missing:
-    raise CheckpointError(f"{source.name}: missing keys: {', '.join(missing[:20])}"
-                          + (f" ... ({len(missing)} in all)" if len(missing) > 20 else ""))
-  unused = sorted(k for k in available - wanted if not k.endswith(IGNORED_SUFFIXES))
-  if strict and unused:
-    raise CheckpointError(f"{source.name}: unexpected keys: {', '.join(unused[:20])}"
-                          + (f" ... ({len(unused)} in all)" if len(unused) > 20 else ""))
-  variables = dict(nnx.to_flat_state(nnx.state(model)))
-  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-  groups: dict[Path, list[Rule]] = {}
-  for r in rules:
-    if r.target not in variables:
-      raise CheckpointError(f"rule for {r.sources} targets unknown parameter "
-                            f"{'/'.join(map(str, r.target))}")
-    groups.setdefault(r.target, []).append(r)
-  for target, group in groups.items():
-    var = variables[target]
-    shape, dtype = tuple(var.shape), np.dtype(var.get_value().dtype)
-    where = flat_shardings.get(target)
-    if group[0].layer is None:
-      arrays, _ = import_params(group, source, {target: shape}, {target: dtype})
-      var.set_value(jax.device_put(arrays.pop(target), where))
-      continue
-    # Layer-stacked: filled on device one layer at a time (buffer donated), so the host never
-    # holds more than one layer's tensor.
-    stacked = jnp.zeros(shape, dtype, device=where)
-    for r in group:
-      arrays, _ = import_params([dataclasses.replace(r, layer=None)], source,
-                                {target: shape[1:]}, {target: dtype})
-      stacked = _set_layer(stacked, arrays.pop(target), r.layer)
-    var.set_value(stacked)
-  if log:
-    log(f"{source.name}: set {len(groups)} parameters from {len(wanted)} tensors")
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, 0)
-
-
 def _check_dims(llm: Mapping, found: Mapping, where: str) -> None:
   for field, key in DIMS.items():
     if llm[field] != found[field]:
       raise CheckpointError(f"{where}: {key}={found[field]!r} but the model config has "
                             f"llm.{field}={llm[field]!r}")
+
+
+def append_mean_rows(table: np.ndarray, num_new: int, axis: int = 0) -> np.ndarray:
+  """`table` with `num_new` entries along `axis`, each the (float32) mean of the old ones: the
+  rows of the IVCR tokens (reference §6.4, `resize_token_embeddings` with mean resizing)."""
+  mean = np.mean(table, axis=axis, keepdims=True, dtype=np.float32).astype(table.dtype)
+  return np.concatenate([table, np.repeat(mean, num_new, axis=axis)], axis=axis)
 
 
 class MeanRowsSource(TensorSource):
@@ -223,7 +168,7 @@ class MeanRowsSource(TensorSource):
 
 
 def load_hf_weights(model: Llama, path: str | os.PathLike, *,
-                    shardings: nnx.State | None = None, log: Log = None) -> None:
+                    shardings: nnx.State | None = None, log: Log | None = None) -> None:
   """Reads an HF `LlamaForCausalLM` directory into `model`'s base weights in place (adapters
   are left alone); e.g. `load_hf_weights(interllava.llm, path)`.
 
@@ -245,7 +190,7 @@ def load_hf_weights(model: Llama, path: str | os.PathLike, *,
 
 def load_hf_llama(path: str | os.PathLike, cfg: ml_collections.ConfigDict, *, lora: bool = True,
                   seed: int = 0, mesh: Mesh | None = None,
-                  rules: sharding.Rules | None = None, log: Log = None) -> Llama:
+                  rules: sharding.Rules | None = None, log: Log | None = None) -> Llama:
   """A `Llama` with the weights of an HF `LlamaForCausalLM` directory (see `load_hf_weights`).
 
   The model is built abstractly (`nnx.eval_shape`), every base weight is read into its variable
@@ -277,10 +222,10 @@ def lora_targets(model: Llama) -> set[str]:
           if isinstance(m, LoRADense) and m.lora_a is not None}
 
 
-def load_peft_adapter(model: Llama, path: str | os.PathLike, *, log: Log = None) -> None:
+def load_peft_adapter(model: Llama, path: str | os.PathLike, *, log: Log | None = None) -> None:
   """Loads a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`)
   into `model`'s adapters in place; their scale and dropout follow `adapter_config.json`."""
-  config = read_json(path, "adapter_config.json")
+  config = read_config(path, "adapter_config.json")
   where = os.path.join(os.fspath(path), "adapter_config.json")
   if config.get("peft_type") != "LORA":
     raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
@@ -304,36 +249,6 @@ def load_peft_adapter(model: Llama, path: str | os.PathLike, *, log: Log = None)
 
 
 # ----------------------------------------------------------------------------------- export
-
-
-class _HostParams(Mapping):
-  """Target path -> host array, computed on access (LoRA merged when asked) and cached for one
-  target at a time: export walks the table target by target, so memory stays at one tensor."""
-
-  def __init__(self, model: nnx.Module, merge_lora: bool, dtype: np.dtype | None):
-    self.model, self.merge_lora, self.dtype = model, merge_lora, dtype
-    self.paths = [p for p, _ in nnx.to_flat_state(nnx.state(model))]
-    self._cached: tuple[Path, np.ndarray] | None = None
-
-  def __getitem__(self, path):
-    if self._cached is None or self._cached[0] != path:
-      self._cached = None  # release the previous target before fetching the next one
-      owner = self.model
-      for part in path[:-1]:
-        owner = getattr(owner, part)
-      if self.merge_lora and path[-1] == "kernel" and isinstance(owner, LoRADense):
-        value = owner.merged_kernel()
-      else:
-        value = getattr(owner, path[-1])[...]
-      value = np.asarray(jax.device_get(value))
-      self._cached = (path, value if self.dtype is None else value.astype(self.dtype))
-    return self._cached[1]
-
-  def __iter__(self):
-    return iter(self.paths)
-
-  def __len__(self):
-    return len(self.paths)
 
 
 def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str, stem: str, *,
@@ -361,19 +276,14 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str,
     names = [f"{stem}.safetensors"]
   else:
     names = [f"{stem}-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
-    _write_json({"metadata": {"total_size": sum(n for _, _, n in parts)},
-                 "weight_map": {k: name for (_, keys, _), name in zip(parts, names, strict=True)
-                                for k in keys}},
-                os.path.join(directory, f"{stem}.safetensors.index.json"))
+    index = {"metadata": {"total_size": sum(n for _, _, n in parts)},
+             "weight_map": {k: name for (_, keys, _), name in zip(parts, names, strict=True)
+                            for k in keys}}
+    write_json(os.path.join(directory, f"{stem}.safetensors.index.json"), index, indent=2,
+               sort_keys=True)
   for (tmp, _, _), name in zip(parts, names, strict=True):
     os.replace(os.path.join(directory, tmp), os.path.join(directory, name))
   return names
-
-
-def _write_json(obj: Mapping, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
 
 
 def save_hf_llama(model: Llama, path: str | os.PathLike, *, dtype: str | None = None,
@@ -396,10 +306,12 @@ def save_hf_llama(model: Llama, path: str | os.PathLike, *, dtype: str | None = 
   llm = dict(model.cfg)
   llm["vocab_size"] = model.embed_tokens.embedding.shape[0]
   tokens = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-  _write_json(hf_config(llm, dtype=dtype, **tokens), os.path.join(path, "config.json"))
+  write_json(os.path.join(path, "config.json"), hf_config(llm, dtype=dtype, **tokens), indent=2,
+             sort_keys=True)
   gen = {k: v for k, v in tokens.items() if v is not None}
-  _write_json({**gen, **dict(generation or {})}, os.path.join(path, "generation_config.json"))
-  params = _HostParams(model, merge_lora=merge_lora, dtype=np_dtype)
+  write_json(os.path.join(path, "generation_config.json"), {**gen, **dict(generation or {})},
+             indent=2, sort_keys=True)
+  params = HostParams(model, merge_lora=merge_lora, dtype=np_dtype)
   write_safetensors(export_params(llama_rules(model.cfg.depth), params), path,
                     "model", max_shard_bytes=max_shard_bytes)
   if tokenizer is not None:
@@ -417,14 +329,14 @@ def save_peft_adapter(model: Llama, path: str | os.PathLike, *,
     raise ValueError("the model has no LoRA adapters")
   rank = modules[0].lora_a.shape[-1]
   targets = sorted(lora_targets(model))
-  _write_json({
+  write_json(os.path.join(path, "adapter_config.json"), {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
       "lora_alpha": _number(modules[0].lora_scale * rank), "lora_dropout": modules[0].lora_dropout,
       "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
       "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
       "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
-  }, os.path.join(path, "adapter_config.json"))
-  params = _HostParams(model, merge_lora=False, dtype=None)
+  }, indent=2, sort_keys=True)
+  params = HostParams(model)
   write_safetensors(export_params(lora_rules(model.cfg.depth, targets), params), path,
                     "adapter_model")
 

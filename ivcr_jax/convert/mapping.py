@@ -10,20 +10,26 @@ same rules backwards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ivcr_jax.convert.sources import TensorSource
+from ivcr_jax.models.llama import LoRADense
+from ivcr_jax.training.checkpointing import CheckpointError, some
 
 Path = tuple[str | int, ...]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint does not fit the model: missing key, wrong shape, unreadable file."""
+# Non-persistent buffers that old torch checkpoints still carry; recomputed by the models.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# How the converters report progress (`logging.info`, `print`, a list's `append`).
+Log = Callable[[str], None]
 
 
 class Transform:
@@ -158,7 +164,7 @@ def rule(source: str | Sequence[str], target: str, transform: Transform = IDENTI
 
 
 def import_params(rules: Sequence[Rule], source: TensorSource, shapes: Mapping[Path, tuple],
-                  dtypes: Mapping[Path, np.dtype], *, log: Callable[[str], None] | None = None,
+                  dtypes: Mapping[Path, np.dtype], *, log: Log | None = None,
                   ) -> tuple[dict[Path, np.ndarray], list[str]]:
   """Reads every rule's tensors from `source` and builds the target parameters.
 
@@ -174,8 +180,7 @@ def import_params(rules: Sequence[Rule], source: TensorSource, shapes: Mapping[P
   available = set(source.keys())
   missing = sorted({k for r in rules for k in r.sources if k not in available})
   if missing:
-    shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
-    raise CheckpointError(f"{source.name}: missing keys: {shown}")
+    raise CheckpointError(f"{source.name}: missing keys: {some(missing)}")
   out: dict[Path, np.ndarray] = {}
   for r in rules:
     if r.target not in shapes:
@@ -212,21 +217,92 @@ def export_params(rules: Sequence[Rule], params: Mapping[Path, np.ndarray]
     yield from zip(r.sources, r.transform.to_torch(value), strict=True)
 
 
-def module_params(module: nnx.Module) -> dict[Path, np.ndarray]:
-  """Every parameter of an NNX module as `path -> numpy array` (the input of `export_params`)."""
-  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-  return {path: np.asarray(var[...]) for path, var in flat}
+def assign_params(model: nnx.Module, rules: Sequence[Rule], source: TensorSource, *,
+                  shardings: nnx.State | None = None, strict: bool = True,
+                  log: Log | None = None) -> list[str]:
+  """Sets the rules' target variables of `model` (concrete or `nnx.eval_shape`d) in place; the
+  one import path of every format. Returns the checkpoint's keys that no rule read.
 
+  One tensor at a time: read it, transform it on the host, put it on the device(s) with the
+  target's sharding (into its layer of a stacked parameter), drop the host copy.
 
-def load_into(module: nnx.Module, rules: Sequence[Rule], source: TensorSource, *,
-              log: Callable[[str], None] | None = None) -> list[str]:
-  """Imports `source` into `module` in place (every rule's parameter); returns unused keys."""
-  state = nnx.state(module, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  params, unused = import_params(
-      rules, source, {p: tuple(v.shape) for p, v in flat.items()},
-      {p: np.dtype(v[...].dtype) for p, v in flat.items()}, log=log)
-  for path, value in params.items():
-    flat[path].set_value(jnp.asarray(value))
-  nnx.update(module, state)
+  Raises:
+    CheckpointError naming missing keys, a key with a wrong shape, or (when `strict`) keys of
+    the checkpoint that no rule reads.
+  """
+  available = set(source.keys())
+  wanted = {k for r in rules for k in r.sources}
+  missing = sorted(wanted - available)
+  if missing:
+    raise CheckpointError(f"{source.name}: missing keys: {some(missing)}")
+  unused = sorted(k for k in available - wanted if not k.endswith(IGNORED_SUFFIXES))
+  if strict and unused:
+    raise CheckpointError(f"{source.name}: unexpected keys: {some(unused)}")
+  variables = dict(nnx.to_flat_state(nnx.state(model)))
+  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  groups: dict[Path, list[Rule]] = {}
+  for r in rules:
+    if r.target not in variables:
+      raise CheckpointError(f"rule for {r.sources} targets unknown parameter "
+                            f"{'/'.join(map(str, r.target))}")
+    groups.setdefault(r.target, []).append(r)
+  for target, group in groups.items():
+    var = variables[target]
+    shape, dtype = tuple(var.shape), np.dtype(var.get_value().dtype)
+    where = flat_shardings.get(target)
+    if group[0].layer is None:
+      arrays, _ = import_params(group, source, {target: shape}, {target: dtype})
+      var.set_value(jax.device_put(arrays.pop(target), where))
+      continue
+    # Layer-stacked: filled on device one layer at a time (buffer donated), so the host never
+    # holds more than one layer's tensor.
+    stacked = jnp.zeros(shape, dtype, device=where)
+    for r in group:
+      arrays, _ = import_params([dataclasses.replace(r, layer=None)], source,
+                                {target: shape[1:]}, {target: dtype})
+      stacked = _set_layer(stacked, arrays.pop(target), r.layer)
+    var.set_value(stacked)
+  if log:
+    log(f"{source.name}: set {len(groups)} parameters from {len(wanted)} tensors")
   return unused
+
+
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, 0)
+
+
+class HostParams(Mapping):
+  """Path -> host array of a module's variables (the input of `export_params`), fetched on
+  access with one cached: an export walks a table target by target, so it holds one tensor at a
+  time. `merge_lora`: LoRA kernels come merged (`W + scale * A B`); `dtype`: cast on the host."""
+
+  def __init__(self, module: nnx.Module, *, merge_lora: bool = False,
+               dtype: np.dtype | None = None):
+    self.module, self.merge_lora, self.dtype = module, merge_lora, dtype
+    self.variables = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    self._cached: tuple[Path, np.ndarray] | None = None
+
+  def _value(self, path: Path) -> jax.Array:
+    if self.merge_lora and path[-1] == "kernel":
+      owner = self.module
+      for part in path[:-1]:
+        owner = owner[part] if isinstance(part, int) else getattr(owner, part)
+      if isinstance(owner, LoRADense):
+        return owner.merged_kernel()
+    return self.variables[path].get_value()
+
+  def __getitem__(self, path: Path) -> np.ndarray:
+    if self._cached is None or self._cached[0] != path:
+      self._cached = None  # release the previous tensor before fetching the next one
+      value = np.asarray(jax.device_get(self._value(path)))
+      self._cached = (path, value if self.dtype is None else value.astype(self.dtype))
+    return self._cached[1]
+
+  def __iter__(self):
+    return iter(self.variables)
+
+  def __len__(self):
+    return len(self.variables)

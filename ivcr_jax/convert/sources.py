@@ -7,11 +7,12 @@ full copies in memory.
 from __future__ import annotations
 
 import abc
-import json
 import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+from ivcr_jax.jsonfile import read_json
 
 
 class TensorSource(abc.ABC):
@@ -149,8 +150,7 @@ def _shard_map(path: str) -> dict[str, str] | None:
   """Key -> shard file of a sharded checkpoint's index (None when `path` is not an index)."""
   if not path.endswith(".index.json"):
     return None
-  with open(path) as f:
-    weight_map = json.load(f)["weight_map"]
+  weight_map = read_json(path)["weight_map"]
   base = os.path.dirname(path)
   return {key: os.path.join(base, file) for key, file in weight_map.items()}
 

@@ -37,17 +37,17 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from ivcr_jax import experiment, multihost, sharding
-from ivcr_jax.data import answers, prepare
-from ivcr_jax.data.pipeline import Layout, SampleEncoder, assemble
+from ivcr_jax import multihost, sharding
+from ivcr_jax.data import answers
+from ivcr_jax.data.pipeline import SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
 from ivcr_jax.evaluation import metrics, plots
 from ivcr_jax.evaluation.metrics import TurnResult
-from ivcr_jax.models.generation import generate
+from ivcr_jax.jsonfile import write_json
+from ivcr_jax.models.generation import Sampling, generate
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import losses, trainer
 
@@ -94,7 +94,7 @@ class Evaluator:
     self.model = model
     self.encoder = encoder
     self.tokenizer = tokenizer
-    self.gen = generation_cfg
+    self.sampling = Sampling.from_config(generation_cfg)
     self.batch_size = batch_size
     self.mesh, self.rules = mesh, rules
     self._graphdef, self._state = nnx.split(model)
@@ -119,9 +119,7 @@ class Evaluator:
                        self.encoder.layout)
       embeds = _input_embeddings(self._graphdef, self._state, self._place(batch))
       gen = generate(self.model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                     max_new_tokens=self.gen.max_new_tokens,
-                     eos_token_id=self.tokenizer.eos_token_id, do_sample=self.gen.do_sample,
-                     temperature=self.gen.temperature, top_p=self.gen.top_p, seed=self.gen.seed)
+                     sampling=self.sampling, eos_token_id=self.tokenizer.eos_token_id)
       tokens, lengths = multihost.host_array(gen.tokens), multihost.host_array(gen.lengths)
       for j, el in enumerate(elements):
         text = self.tokenizer.decode(tokens[j, :lengths[j]], skip_special_tokens=True).strip()
@@ -267,8 +265,7 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing
   results = [p.result for p in preds]
   out = metrics.compute(results, denominators=denominators)
   out["parsing"] = "official" if official_parsing else "improved"
-  with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=1, ensure_ascii=False)
+  write_json(os.path.join(out_dir, "metrics.json"), out)
   with open(os.path.join(out_dir, "per_turn.md"), "w", encoding="utf-8") as f:
     f.write(metrics.per_turn_markdown(out["per_turn"]))
   plots.per_turn_bars(out["per_turn"], os.path.join(out_dir, "per_turn.png"),
@@ -277,66 +274,4 @@ def write_outputs(preds: Sequence[Prediction], out_dir: str, *, official_parsing
   plots.iou_histogram([metrics.iou(r.pred_span, r.gt_span) for r in moment],
                       os.path.join(out_dir, "iou_histogram.png"),
                       unparsed=sum(r.pred_span is None for r in moment))
-  return out
-
-
-def load_official_denominators(config, store_dir: str, split: str) -> metrics.Denominators:
-  """The official counts from the annotation file the stores were built from (else
-  `data.annotations`)."""
-  report = prepare.read_report(store_dir) or {}
-  path = report.get("annotations") or config.data.annotations
-  if not path or not os.path.exists(path):
-    raise experiment.MissingInputsError(
-        f"official denominators count the turns of the annotation file, which is not there "
-        f"({path!r}; from {store_dir}/{prepare.REPORT_FILE} or data.annotations)")
-  with open(path, encoding="utf-8") as f:
-    return metrics.official_denominators(json.load(f), split, source=path)
-
-
-def run(config, workdir: str, *, split: str = "test", history: str = "oracle",
-        step: int | None = None, max_dialogues: int = 0, official_parsing: bool | None = None,
-        official_denominators: bool | None = None) -> dict:
-  """Restores a run's checkpoint, answers every turn of `split`, writes the outputs under
-  `workdir/eval/<split>[_interactive]` and returns the metrics (the demo's training run calls
-  this too). `official_parsing` / `official_denominators` default to `config.evaluation`'s."""
-  ev_cfg = config.evaluation
-  official_parsing = ev_cfg.official_parsing if official_parsing is None else official_parsing
-  if official_denominators is None:
-    official_denominators = ev_cfg.official_denominators
-  experiment.check_inputs(config)
-  experiment.use_compilation_cache(config)
-  data = experiment.open_data(config, workdir)
-  denominators = None
-  if official_denominators:
-    denominators = load_official_denominators(config, data.store_dir, split)
-    if max_dialogues:
-      logging.warning("official denominators count every %s turn, but only %d dialogues are "
-                      "evaluated: the figures are lower bounds", split, max_dialogues)
-  model = experiment.build_model(config, data.tokenizer)
-  step = trainer.load_trained(config, os.path.join(workdir, "checkpoints"), model, step)
-  dialogues = data.dialogues(split)
-  if max_dialogues:
-    dialogues = dialogues[:max_dialogues]
-  scored = scored_dialogues(dialogues, official_denominators)
-  if len(scored) < len(dialogues):
-    logging.info("official denominators: %d type-[%d] dialogues are counted as misses, not "
-                 "answered (B10)", len(dialogues) - len(scored), metrics.OFFICIAL_UNSCORED_TYPE)
-  dialogues = scored
-  # Every process assembles whole batches (the same ones), so the layout is the global one.
-  encoder = data.encoder(config, training=False, model=model, layout=Layout.from_config(config))
-  ev = Evaluator(model, encoder, data.tokenizer,
-                 config.generation, batch_size=config.train.batch_size,
-                 mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
-  preds = evaluate_dialogues(ev, dialogues, history, official_parsing=official_parsing)
-  preds = with_ranking(ev, dialogues, preds)
-  out_dir = os.path.join(workdir, "eval", split if history == "oracle" else f"{split}_{history}")
-  if multihost.is_main():  # every process computed the same answers; one writes them
-    out = write_outputs(preds, out_dir, official_parsing=official_parsing,
-                        denominators=denominators)
-  else:
-    out = metrics.compute([p.result for p in preds], denominators=denominators)
-  multihost.barrier(f"eval:{out_dir}")
-  out["checkpoint_step"] = step
-  out["generation"] = dict(ev.stats)
-  logging.info("evaluated step %d on %d %s dialogues -> %s", step, len(dialogues), split, out_dir)
   return out

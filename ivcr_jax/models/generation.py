@@ -10,8 +10,9 @@ so each row generates what it would generate alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -99,13 +100,28 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, mask:
   return Generation(out, lengths)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How many tokens and how they are chosen (the fields of `config.generation`): greedy, or
+  with `do_sample` drawn at `temperature` from the top-`top_p` mass, from `seed`."""
+
+  max_new_tokens: int
+  do_sample: bool = False
+  temperature: float = 1.0
+  top_p: float = 1.0
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, generation_cfg: Mapping) -> Sampling:
+    return cls(**{f.name: generation_cfg[f.name] for f in dataclasses.fields(cls)})
+
+
 def generate(model: Llama, input_ids: jax.Array | np.ndarray | None = None, *,
              inputs_embeds: jax.Array | np.ndarray | None = None,
-             attention_mask: jax.Array | np.ndarray | None = None, max_new_tokens: int,
+             attention_mask: jax.Array | np.ndarray | None = None, sampling: Sampling,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS) -> Generation:
-  """Generates up to `max_new_tokens` tokens per row (keyword names match `config.generation`).
+             buckets: Sequence[int] = DEFAULT_BUCKETS) -> Generation:
+  """Generates up to `sampling.max_new_tokens` tokens per row.
 
   Compiled once per (batch size, prompt bucket, `max_new_tokens`, `do_sample`, ids or embeds);
   temperature, top-p, seed and EOS/pad ids are runtime values.
@@ -115,7 +131,6 @@ def generate(model: Llama, input_ids: jax.Array | np.ndarray | None = None, *,
     attention_mask: `[B, n]`, 0 at padding (left or right); None: no padding.
     eos_token_id: id(s) that end a row; None: always `max_new_tokens` tokens.
     pad_token_id: fills a row after its EOS (default: the first EOS id, else 0).
-    do_sample: sample with `temperature` and `top_p` from `seed`; else greedy.
   """
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -133,6 +148,7 @@ def generate(model: Llama, input_ids: jax.Array | np.ndarray | None = None, *,
     pad_token_id = eos[0] if eos else 0
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask),
-                   jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p),
-                   jnp.asarray(eos or [-1], jnp.int32), jnp.int32(pad_token_id),
-                   max_new_tokens=max_new_tokens, do_sample=do_sample)
+                   jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
+                   jnp.float32(sampling.top_p), jnp.asarray(eos or [-1], jnp.int32),
+                   jnp.int32(pad_token_id), max_new_tokens=sampling.max_new_tokens,
+                   do_sample=sampling.do_sample)

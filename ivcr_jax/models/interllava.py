@@ -69,5 +69,5 @@ class InterLLaVA(nnx.Module):
     lengths = None if mask is None else jnp.sum(mask, axis=-1, dtype=jnp.int32)
     return self.llm.hidden_states(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"),
-        segment_ids=batch.get("segment_ids"), lengths=lengths,
+        lengths=lengths,
         dropout_key=layers.sub_key(dropout_key, 1))

@@ -30,9 +30,6 @@ from flax import nnx
 from ivcr_jax import sharding
 from ivcr_jax.models import layers
 
-# Tokens added to Llama-2's vocabulary by InterLLaVA (ids 32000-32004, reference §1.6).
-IVCR_TOKENS = ("<VID>", "</VID>", "<VIDEO>", "</VIDEO>", "<VIDEOTOKEN>")
-
 # Projection name -> (parent module, number of input dims of its kernel).
 PROJECTIONS: dict[str, tuple[str, int]] = {
     "q_proj": ("self_attn", 1), "k_proj": ("self_attn", 1), "v_proj": ("self_attn", 1),
@@ -269,8 +266,7 @@ class Llama(nnx.Module):
   def hidden_states(self, input_ids: jax.Array | None = None, *,
                     inputs_embeds: jax.Array | None = None,
                     attention_mask: jax.Array | None = None,
-                    position_ids: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                    lengths: jax.Array | None = None,
+                    position_ids: jax.Array | None = None, lengths: jax.Array | None = None,
                     dropout_key: jax.Array | None = None) -> jax.Array:
     """Full-sequence forward (training, scoring) up to the final norm, `[B, L, hidden]`.
 
@@ -281,8 +277,7 @@ class Llama(nnx.Module):
       input_ids: `[B, L]` int, or None when `inputs_embeds` `[B, L, hidden]` is given.
       attention_mask: `[B, L]`, 0 for padding (None: no padding).
       position_ids: `[B, L]` (None: `arange(L)`, like HF; pass `cumsum(mask) - 1` to make a
-        left-padded row identical to the unpadded one, or per-segment positions when packed).
-      segment_ids: `[B, L]` packed-sequence ids; tokens attend within their segment only.
+        left-padded row identical to the unpadded one).
       lengths: `[B]`, a promise that `attention_mask` is right padding of these lengths (the
         pipeline's batches): fused attention kernels then skip the padding.
       dropout_key: PRNG key for LoRA dropout in training, None otherwise.
@@ -292,8 +287,7 @@ class Llama(nnx.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(length), (b, length))
     cos, sin = self.rope(position_ids)
-    mask = layers.Mask(causal=True, key_valid=attention_mask, key_lengths=lengths,
-                       segment_ids=segment_ids)
+    mask = layers.Mask(causal=True, key_valid=attention_mask, key_lengths=lengths)
     x = self._run_layers(
         x, lambda blk, h, key: sharding.constrain(
             blk(h, cos, sin, mask, dropout_key=key)[0], ("batch",)),
@@ -341,27 +335,3 @@ def merge_lora(model: Llama) -> None:
   for _, module in nnx.iter_modules(model):
     if isinstance(module, LoRADense):
       module.merge()
-
-
-def append_mean_rows(table: np.ndarray, num_new: int, axis: int = 0) -> np.ndarray:
-  """`table` with `num_new` entries along `axis`, each the (float32) mean of the old ones."""
-  mean = np.mean(table, axis=axis, keepdims=True, dtype=np.float32).astype(table.dtype)
-  return np.concatenate([table, np.repeat(mean, num_new, axis=axis)], axis=axis)
-
-
-def grow_vocab(model: Llama, num_new: int = len(IVCR_TOKENS)) -> None:
-  """Appends `num_new` rows to the embedding and `lm_head`, each the mean of the old rows
-  (reference §6.4: `resize_token_embeddings` with mean resizing), in place."""
-
-  def grow(var: nnx.Variable, axis: int) -> int:
-    # On the host: one new table in flight and nothing to compile (an XLA concatenation of a
-    # vocabulary-sized table costs several times its size in compiler memory on CPU).
-    table = var.get_value()
-    grown = append_mean_rows(np.asarray(jax.device_get(table)), num_new, axis)
-    var.set_value(jax.device_put(grown, table.sharding))
-    return grown.shape[axis]
-
-  vocab = grow(model.embed_tokens.embedding, 0)
-  model.embed_tokens.num_embeddings = vocab
-  model.lm_head.out_shape = (grow(model.lm_head.kernel, 1),)
-  model.cfg = ml_collections.FrozenConfigDict({**model.cfg, "vocab_size": vocab})

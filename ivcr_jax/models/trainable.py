@@ -10,18 +10,13 @@ from collections.abc import Callable, Sequence
 
 from flax import nnx
 
-# Group name -> the path component that identifies its parameters in the model tree.
-GROUPS: dict[str, str] = {
-    "vit": "vit",  # includes ln_vision, which lives inside the ViT module
-    "qformer": "qformer",
-    "query_tokens": "query_tokens",
-    "frame_position_embedding": "frame_position_embedding",
-    "video_qformer": "video_qformer",
-    "video_query_tokens": "video_query_tokens",
-    "projection": "projection",
-    "llm": "llm",
-    "lora": "lora",
-}
+# Each group is named by the path component that identifies its parameters in the model tree
+# (`vit` includes `ln_vision`, which lives inside the ViT module).
+GROUPS = ("vit", "qformer", "query_tokens", "frame_position_embedding", "video_qformer",
+          "video_query_tokens", "projection", "llm", "lora")
+# What the official recipe trains, and what an official IVCR checkpoint holds (§1.7, §6.2).
+OFFICIAL = ("qformer", "query_tokens", "frame_position_embedding", "video_qformer",
+            "video_query_tokens", "projection", "lora")
 
 
 def _is_lora(path: tuple) -> bool:
@@ -37,7 +32,7 @@ def trainable_filter(groups: Sequence[str]) -> Callable[[tuple, object], bool]:
   unknown = set(groups) - set(GROUPS)
   if unknown:
     raise ValueError(f"unknown trainable groups {sorted(unknown)}; known: {sorted(GROUPS)}")
-  wanted = {GROUPS[g] for g in groups}
+  wanted = set(groups)
 
   def is_trainable(path: tuple, value: object) -> bool:
     if not isinstance(value, nnx.Param):

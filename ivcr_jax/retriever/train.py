@@ -15,8 +15,6 @@ Then build the LLM's candidate lists with python -m data_prep.build_topk_cache.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 from absl import app, flags, logging
 
@@ -38,20 +36,11 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   logging.info("retriever config (%s):\n%s", config.preset, config)
   workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=1))
-  try:
+  experiment.save_config(config, workdir)
+  with experiment.faults_reported():
     experiment.check_data_inputs(config)
     store_dir, tokenizer_dir = experiment.store_dirs(config.data, config.frame_size, workdir)
-  except experiment.MissingInputsError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-  try:
     result = training.train(config, workdir, store_dir, tokenizer_dir)
-  except experiment.FAULTS as e:
-    print(f"{type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
   print(json.dumps(result, indent=1))
 
 

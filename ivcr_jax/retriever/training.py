@@ -38,15 +38,14 @@ from ivcr_jax.data import feature_store as feature_store_lib
 from ivcr_jax.data import stores
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.records import RETRIEVAL, Dialogue
+from ivcr_jax.jsonfile import write_json
 from ivcr_jax.models.retriever import XPoolRetriever, contrastive_loss
 from ivcr_jax.retriever.data import Query, TextEncoder, VideoBank, retrieval_queries
 from ivcr_jax.retriever.ranking import Ranker, rank_metrics
 from ivcr_jax.training import optimizer
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
-from ivcr_jax.training.event_file import EventFileWriter
+from ivcr_jax.training.history import RunHistory
 from ivcr_jax.training.step import NonFiniteLossError
-
-HISTORY_FILE = "train_history.json"
 
 
 @dataclasses.dataclass
@@ -241,12 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
           f"{data.features}; use another workdir")
     logging.info("resumed the retriever from step %d", start)
   end = min(tc.num_steps, tc.stop_after) if tc.stop_after else tc.num_steps
-  history_path = os.path.join(workdir, HISTORY_FILE)
-  history = []
-  if os.path.exists(history_path):
-    with open(history_path, encoding="utf-8") as f:
-      history = [row for row in json.load(f) if row["step"] <= start]
-  writer = EventFileWriter(os.path.join(workdir, "tensorboard"))
+  history = RunHistory(workdir, start)
 
   def ranker(params) -> Ranker:
     return Ranker(merge(params), data.bank, text, query_batch=ec.query_batch,
@@ -273,9 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
         if due_eval:
           val = evaluate(ranker(state["params"]), eval_queries, corpus_videos)
           row.update({f"{ec.split}_{k}": v for k, v in val.items() if k != "queries"})
-        history.append({"step": step, **row})
-        writer.scalars(step, row)
-        _write_json(history_path, history)
+        history.add(step, row)
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if due_ckpt:
           ckpt.save(step, state, force=step == end, meta={
@@ -283,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
         t0 = time.perf_counter()
   finally:
     ckpt.close()
-    writer.close()
+    history.close()
   if end < tc.num_steps:
     return {"step": end, "stopped_after": end}
   result = {
@@ -295,12 +287,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
       if not np.isfinite(figures[key]):
         figures.pop(key)
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  _write_json(os.path.join(workdir, "eval", f"{ec.split}.json"), result)
+  write_json(os.path.join(workdir, "eval", f"{ec.split}.json"), result)
   return result
-
-
-def _write_json(path: str, obj: Any) -> None:
-  """Atomically: a kill mid-write leaves the previous version."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)

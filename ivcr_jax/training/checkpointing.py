@@ -1,6 +1,9 @@
-"""orbax checkpoints of a run: trainable parameters, optimizer state and step, meta (JSON).
+"""orbax checkpoints: a run's (trainable parameters, optimizer state and step, meta) and a full
+model's (every parameter, for the initial weights that `python -m ivcr_jax.import_weights`
+writes).
 
-One small module so that a later move to orbax's V1 API touches one file. Frozen weights (ViT,
+Every orbax call of the project is here, so that a later move to orbax's V1 API touches one
+file. Frozen weights (ViT,
 LLaMA base) are never saved: they are reloaded from their source. The parameters are an item of
 their own, so evaluation and export restore them without the optimizer state. Restore takes
 abstract targets (`jax.ShapeDtypeStruct` with shardings): a checkpoint restores straight into
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,8 +35,10 @@ import jax
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from absl import logging
+from flax import nnx
 
-from ivcr_jax import multihost
+from ivcr_jax import multihost, sharding
+from ivcr_jax.models import trainable
 
 DAMAGED = "damaged"  # where `restore_latest` moves the checkpoints it could not read
 _UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's suffix of a save still being written
@@ -43,8 +49,9 @@ _ARRAY_ITEMS = ("params", "optimizer")  # the items whose arrays live in an OCDB
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint could not be written, or none of a run's checkpoints can be read; the message
-  names the checkpoint (or file) and what to do."""
+  """A checkpoint does not fit the model (missing key, wrong shape, unreadable file: weights
+  being imported or restored), could not be written, or none of a run's checkpoints can be
+  read; the message names the checkpoint (or file) and what to do."""
 
 
 class Checkpointer:
@@ -77,7 +84,7 @@ class Checkpointer:
     """Saves the train state `{params, opt, step}` if `step` is due (or `force`); returns whether
     a save started. A failed write (this one's, or the previous async one's) raises
     `CheckpointError`."""
-    self.wait()  # orbax would wait here too; waiting first tells whose write failed
+    self._wait()  # orbax would wait here too; waiting first tells whose write failed
     try:
       started = self._manager.save(step, force=force, args=ocp.args.Composite(
           params=ocp.args.StandardSave(state["params"]),
@@ -88,7 +95,7 @@ class Checkpointer:
     self._writing = step if started else None
     return started
 
-  def wait(self) -> None:
+  def _wait(self) -> None:
     """Waits for the async save in progress; raises `CheckpointError` if it failed."""
     try:
       self._manager.wait_until_finished()
@@ -242,7 +249,7 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for the last save (raising `CheckpointError` if it failed) and closes."""
     try:
-      self.wait()
+      self._wait()
     finally:
       self._manager.close()
 
@@ -299,3 +306,96 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
                         tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
+
+
+def restore_trained(model: nnx.Module, trainable_groups: Sequence[str], checkpoint_dir: str,
+                    step: int | None = None) -> int:
+  """Writes the trainable parameters of a run's checkpoint (latest, or `step`) into `model`,
+  restored straight into the shardings its parameters have (no optimizer state is read);
+  returns the step. Frozen weights are not in run checkpoints: `model` must already hold them
+  (its initial weights)."""
+  _, params, _ = trainable.split_trainable(model, trainable_groups)
+  checkpointer = Checkpointer(checkpoint_dir)
+  try:
+    restored, step = checkpointer.restore_params(abstract_like(nnx.to_pure_dict(params)),
+                                                 step=step)
+  finally:
+    checkpointer.close()
+  nnx.replace_by_pure_dict(params, restored)
+  nnx.update(model, params)
+  return step
+
+
+# ------------------------------------------------------------------- full-model checkpoints
+
+_MODEL_META = "meta"
+
+
+def _model_checkpointer() -> ocp.Checkpointer:
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      params=ocp.StandardCheckpointHandler(), **{_MODEL_META: ocp.JsonCheckpointHandler()}))
+
+
+def save_model(model: nnx.Module, path: str | os.PathLike, meta: Mapping, *,
+               overwrite: bool = False) -> None:
+  """Writes every parameter of `model` (frozen and trainable) and `meta` (JSON) to `path`."""
+  path = os.path.abspath(os.fspath(path))
+  params = nnx.to_pure_dict(nnx.state(model))
+  _model_checkpointer().save(path, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), **{_MODEL_META: ocp.args.JsonSave(dict(meta))}),
+      force=overwrite)
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def restore_model(path: str | os.PathLike, make: Callable[[], nnx.Module],
+                  mesh: jax.sharding.Mesh, rules) -> nnx.Module:
+  """The module `make()` would build, with its parameters restored from `path` straight into
+  their shardings on `mesh` by `rules` (built abstractly first: the random weights never exist,
+  and no parameter lives whole on one device unless the rules replicate it).
+
+  Raises:
+    CheckpointError naming the parameters whose shapes differ or that are missing/extra (e.g. a
+    checkpoint imported for another preset or tokenizer).
+  """
+  path = os.path.abspath(os.fspath(path))
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        nnx.to_pure_dict(state), shardings)
+  checkpointer = _model_checkpointer()
+  stored = _flat(checkpointer.metadata(path).item_metadata["params"].tree)
+  wanted = _flat(target)
+  problems = [f"{k}: stored {tuple(stored[k].shape)}, model {tuple(v.shape)}"
+              for k, v in wanted.items() if k in stored and tuple(stored[k].shape) != v.shape]
+  problems += [f"{k}: not in the checkpoint" for k in wanted if k not in stored]
+  problems += [f"{k}: not in the model" for k in stored if k not in wanted]
+  if problems:
+    raise CheckpointError(f"{path} does not fit the model config:\n  "
+                          + some(problems, sep="\n  "))
+  restored = checkpointer.restore(path, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))["params"]
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)
+
+
+def read_model_meta(path: str | os.PathLike) -> dict:
+  """The JSON metadata `save_model` stored (for initial weights: the chain's log, the config)."""
+  return dict(_model_checkpointer().restore(
+      os.path.abspath(os.fspath(path)),
+      args=ocp.args.Composite(**{_MODEL_META: ocp.args.JsonRestore()}))[_MODEL_META])
+
+
+def some(names: Sequence[str], *, limit: int = 20, sep: str = ", ") -> str:
+  """The first `limit` of `names` joined, with how many there are when some are left out: what
+  every "missing keys: ..." message shows."""
+  shown = sep.join(names[:limit])
+  return shown + (f"{sep}... ({len(names)} in all)" if len(names) > limit else "")

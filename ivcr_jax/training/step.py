@@ -91,7 +91,7 @@ def loss_and_metrics(model: nnx.Module, batch: dict, cfg: LossConfig,
 
 
 @dataclasses.dataclass
-class Split:
+class TrainableSplit:
   """A model split for the functional step: graph, trainable params (pure dict), frozen state."""
 
   graphdef: Any
@@ -101,7 +101,7 @@ class Split:
   axes: PyTree  # logical axis names of every trainable parameter (pure dict of tuples)
 
   @classmethod
-  def of(cls, model: nnx.Module, groups) -> Split:
+  def of(cls, model: nnx.Module, groups) -> TrainableSplit:
     graphdef, train, frozen = trainable_lib.split_trainable(model, groups)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train)
     axes = nnx.to_pure_dict(sharding.logical_axes(train))
@@ -113,7 +113,7 @@ class Split:
     return nnx.merge(self.graphdef, state, frozen)
 
 
-def make_train_step(split: Split, tx: optax.GradientTransformation, loss_cfg: LossConfig
+def make_train_step(split: TrainableSplit, tx: optax.GradientTransformation, loss_cfg: LossConfig
                     ) -> Callable:
   """`step(state, frozen, batch, key) -> (state, metrics)` with `state = {params, opt, step}`."""
 
@@ -132,7 +132,7 @@ def make_train_step(split: Split, tx: optax.GradientTransformation, loss_cfg: Lo
   return step
 
 
-def make_eval_step(split: Split, loss_cfg: LossConfig) -> Callable:
+def make_eval_step(split: TrainableSplit, loss_cfg: LossConfig) -> Callable:
   """`eval_step(params, frozen, batch) -> metrics` (deterministic: no dropout)."""
 
   def eval_step(params, frozen, batch):
@@ -141,7 +141,7 @@ def make_eval_step(split: Split, loss_cfg: LossConfig) -> Callable:
   return eval_step
 
 
-def train_state_shardings(split: Split, tx: optax.GradientTransformation,
+def train_state_shardings(split: TrainableSplit, tx: optax.GradientTransformation,
                           mesh: jax.sharding.Mesh, rules) -> tuple[dict, nnx.State]:
   """Shardings of the train state `{params, opt, step}` and of the frozen weights on `mesh`.
 
@@ -162,7 +162,7 @@ def train_state_shardings(split: Split, tx: optax.GradientTransformation,
   return {"params": params, "opt": opt, "step": replicated}, frozen
 
 
-def place(split: Split, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
+def place(split: TrainableSplit, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
           ) -> tuple[dict, nnx.State]:
   """Puts the train state `{params, opt, step}` and the frozen weights on `mesh` by the rules
   (`train_state_shardings`). Arrays already in their shardings (a model built or restored
@@ -187,7 +187,7 @@ def batch_shardings(batch: dict, mesh: jax.sharding.Mesh, rules) -> dict:
   return {k: sharding.data_sharding(mesh, rules, np.shape(v)) for k, v in batch.items()}
 
 
-def pinned(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
+def with_activation_sharding(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
   """`fn` traced with the models' activations pinned to the batch axes (for `jax.jit`)."""
 
   def traced(*args):
@@ -203,5 +203,5 @@ def jit_train_step(step: Callable, state: dict, mesh: jax.sharding.Mesh, rules) 
   traced). Inputs keep the shardings they arrive with: the state and frozen weights those of
   `place`, each batch that of its own shapes (`ivcr_jax.training.feed`), so a batch from another
   bucket compiles its own program instead of inheriting the first batch's shardings."""
-  return jax.jit(pinned(step, mesh, rules), out_shardings=(shardings_of(state), None),
-                 donate_argnums=(0,))
+  return jax.jit(with_activation_sharding(step, mesh, rules),
+                 out_shardings=(shardings_of(state), None), donate_argnums=(0,))

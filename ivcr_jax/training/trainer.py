@@ -7,7 +7,6 @@ and notebooks can call it directly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,10 +24,8 @@ from ivcr_jax.data.pipeline import Layout
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
-from ivcr_jax.training.event_file import EventFileWriter
 from ivcr_jax.training.feed import Feed, batch_shape
-
-HISTORY_FILE = "train_history.json"  # every logged row of the run, kept across resumes
+from ivcr_jax.training.history import RunHistory
 
 
 @dataclasses.dataclass
@@ -37,7 +34,7 @@ class Result:
   history: list[dict]  # logged metrics (host floats) with their step
   params: dict  # final trainable parameters (pure dict, device arrays)
   frozen: nnx.State
-  split: step_lib.Split
+  split: step_lib.TrainableSplit
 
 
 def _host(metrics: dict) -> dict:
@@ -81,15 +78,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
   tc = config.train
   rules = config.mesh.rules
   mesh = sharding.make_mesh(config.mesh)
-  split = step_lib.Split.of(model, config.model.trainable)
+  split = step_lib.TrainableSplit.of(model, config.model.trainable)
   tx = optimizer.make_optimizer(tc)
   state, frozen = step_lib.place(split, tx, mesh, rules)
   loss_cfg = step_lib.LossConfig.from_config(tc, digit_ids)
-  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
-  logging.info("parameters: %s trainable, %s frozen; mesh %s over %d process(es)",
-               f"{n_train:,}", f"{n_frozen:,}", dict(mesh.shape), jax.process_count())
-
+  _log_sizes(state["params"], frozen, mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = samples_seen = 0
@@ -101,15 +94,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
                  start, meta, samples_seen, _moved(meta))
   train_step = step_lib.jit_train_step(step_lib.make_train_step(split, tx, loss_cfg), state,
                                        mesh, rules)
-  eval_step = jax.jit(step_lib.pinned(step_lib.make_eval_step(split, loss_cfg), mesh, rules))
+  eval_step = jax.jit(step_lib.with_activation_sharding(
+      step_lib.make_eval_step(split, loss_cfg), mesh, rules))
   main = multihost.is_main()
-  writer = EventFileWriter(os.path.join(workdir, "tensorboard")) if main else None
-  history_path = os.path.join(workdir, HISTORY_FILE)
-  earlier = _read_history(history_path, upto=start) if main else []
+  history = RunHistory(workdir, start, write=main, on_log=on_log)
   key = jax.jit(lambda: jax.random.key(config.seed),
                 out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))()
-  history: list[dict] = []
-  pending: list[dict] = []
+  pending: list[tuple[int, int, dict]] = []  # (step, first sample, metrics) not yet logged
   end = min(tc.num_steps, tc.stop_after) if tc.stop_after else tc.num_steps
   feed = Feed(train_batches(samples_seen) if start < end else iter(()), layout, mesh, rules,
               name=f"train@{start}")
@@ -133,45 +124,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module,
       due_ckpt = step % tc.checkpoint_every == 0 or step == end
       due_eval = val_batches is not None and tc.eval_every and (
           step % tc.eval_every == 0 or step == tc.num_steps)
-      if due_log or due_ckpt or due_eval:
-        rows = [_host(m) for _, _, m in pending]
-        bad = [(s, first, r) for (s, first, _), r in zip(pending, rows, strict=True)
-               if not r["finite"]]
-        pending = []
-        if bad:
-          raise _non_finite(*bad[0], tc.batch_size, describe, ckpt)
-        logged = _mean(rows)
-        logged.pop("finite")
-        logged["lr"] = float(optimizer.learning_rate(tc)(i))
-        logged["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
-        if due_eval:
-          val = Feed(iter(val_batches()), layout, mesh, rules, name=f"val@{step}")
-          try:
-            logged.update({f"val_{k}": v for k, v in evaluate(eval_step, state["params"], frozen,
-                                                              val).items()})
-          finally:
-            val.close()
-        history.append({"step": step, **logged})
-        if main:
-          writer.scalars(step, logged)
-          _write_json(history_path, earlier + history)
-        progress.set_postfix(loss=f"{logged['loss']:.4f}")
-        if on_log:
-          on_log(step, logged)
-        if due_log:
-          logging.info("step %d: %s", step,
-                       ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
-        if due_ckpt:
-          ckpt.save(step, state, force=step == end, meta={
-              "loss": logged["loss"], "samples_seen": samples_seen,
-              "batch_size": tc.batch_size, "processes": jax.process_count()})
-        t0 = time.perf_counter()
+      if not (due_log or due_ckpt or due_eval):
+        continue
+      logged = _summary(pending, tc, i, time.perf_counter() - t0, describe, ckpt)
+      pending = []
+      if due_eval:
+        val = Feed(iter(val_batches()), layout, mesh, rules, name=f"val@{step}")
+        try:
+          losses = validation_losses(eval_step, state["params"], frozen, val)
+          logged.update({f"val_{k}": v for k, v in losses.items()})
+        finally:
+          val.close()
+      history.add(step, logged)
+      progress.set_postfix(loss=f"{logged['loss']:.4f}")
+      if due_log:
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
+      if due_ckpt:
+        ckpt.save(step, state, force=step == end, meta={
+            "loss": logged["loss"], "samples_seen": samples_seen,
+            "batch_size": tc.batch_size, "processes": jax.process_count()})
+      t0 = time.perf_counter()
   finally:
     feed.close()
     ckpt.close()
-    if main:
-      writer.close()
-  return Result(max(start, end), history, state["params"], frozen, split)
+    history.close()
+  return Result(max(start, end), history.rows, state["params"], frozen, split)
+
+
+def _log_sizes(params: dict, frozen: nnx.State, mesh: jax.sharding.Mesh) -> None:
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+  logging.info("parameters: %s trainable, %s frozen; mesh %s over %d process(es)",
+               f"{n_train:,}", f"{n_frozen:,}", dict(mesh.shape), jax.process_count())
+
+
+def _summary(pending: list[tuple[int, int, dict]], tc: ml_collections.ConfigDict, i: int,
+             seconds: float, describe: Callable[[int, int], list[str]] | None,
+             ckpt: Checkpointer) -> dict:
+  """The logged row of the steps since the last one: their mean metrics, the learning rate
+  and the speed. Fetching the metrics is the loop's only host sync; a non-finite step among
+  them stops training (`NonFiniteLossError` naming its batch)."""
+  rows = [_host(m) for _, _, m in pending]
+  bad = [(s, first, r) for (s, first, _), r in zip(pending, rows, strict=True) if not r["finite"]]
+  if bad:
+    raise _non_finite(*bad[0], tc.batch_size, describe, ckpt)
+  logged = _mean(rows)
+  logged.pop("finite")
+  logged["lr"] = float(optimizer.learning_rate(tc)(i))
+  logged["steps_per_s"] = len(rows) / seconds
+  return logged
 
 
 def _non_finite(step: int, first: int, row: dict, batch_size: int,
@@ -189,22 +190,6 @@ def _non_finite(step: int, first: int, row: dict, batch_size: int,
       f"{row['grad_norm']}){batch}. Stopped without saving: {good}")
 
 
-def _read_history(path: str, *, upto: int) -> list[dict]:
-  """The logged rows of earlier invocations up to the resumed step (later ones are redone)."""
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [row for row in json.load(f) if row["step"] <= upto]
-
-
-def _write_json(path: str, rows: list[dict]) -> None:
-  """Atomically: a kill mid-write leaves the previous version."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _moved(meta: dict) -> str:
   """What a restore onto another process count means for the data (nothing: said so)."""
   saved = meta.get("processes")
@@ -215,7 +200,7 @@ def _moved(meta: dict) -> str:
           "samples; only each process's share of a batch changes)")
 
 
-def evaluate(eval_step: Callable, params: dict, frozen: nnx.State,
+def validation_losses(eval_step: Callable, params: dict, frozen: nnx.State,
              batches: Iterable[dict]) -> dict:
   """Token-weighted validation losses over `batches`."""
   total: dict[str, float] = {}
@@ -240,19 +225,3 @@ def digits_of(tokenizer) -> np.ndarray:
   if any(i is None or i == tokenizer.unk_token_id for i in ids):
     raise ValueError("the tokenizer has no single-token digits 0-9 (required by the aux losses)")
   return np.asarray(ids, np.int32)
-
-
-def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str, model: nnx.Module,
-                 step: int | None = None) -> int:
-  """Writes the trainable parameters of a training checkpoint into `model`, restored straight
-  into the shardings `model`'s parameters have (the optimizer state is not read); returns the
-  step. Frozen weights are not in checkpoints: `model` must already hold them (initial
-  weights)."""
-  split = step_lib.Split.of(model, config.model.trainable)
-  ckpt = Checkpointer(checkpoint_dir)
-  try:
-    params, step = ckpt.restore_params(abstract_like(split.params), step=step)
-  finally:
-    ckpt.close()
-  nnx.update(model, nnx.state(split.merge(params, split.frozen)))
-  return step
