@@ -37,7 +37,8 @@ from configs.interllava import get_config
 from ivcr_jax import experiment, sharding
 from ivcr_jax.data import feature_store, pipeline, records
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Dialogue
-from ivcr_jax.training import optimizer, trainer
+from ivcr_jax.data.tokenizer import digits_of
+from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 
 SEQ_BUCKETS = (512, 1024, 2048, 4096)
@@ -108,7 +109,7 @@ class Runner:
     self.tx = optimizer.make_optimizer(config.train)
     self.mesh = sharding.make_mesh(config.mesh)
     self.loss_cfg = step_lib.LossConfig.from_config(config.train,
-                                                    trainer.digits_of(data.tokenizer))
+                                                    digits_of(data.tokenizer))
     self.state = self.frozen = None
     self.key = jax.random.key(config.seed)
     self.cache: dict[tuple, list] = {}  # shapes -> [compiled, flops, compile s, has run]

@@ -15,8 +15,9 @@ from ivcr_jax import experiment
 from ivcr_jax.data import feature_store, pipeline, records
 from ivcr_jax.data.answers import parse_span
 from ivcr_jax.data.records import MOMENT, RETRIEVAL
+from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.models.interllava import splice
-from ivcr_jax.training import losses, trainer
+from ivcr_jax.training import losses
 
 IGNORE = pipeline.IGNORE
 
@@ -195,7 +196,7 @@ def test_worker_processes_give_the_same_batches(env):
 
 
 def test_aux_positions_spell_the_ground_truth(env):
-  digits = {int(t): d for d, t in enumerate(trainer.digits_of(env.data.tokenizer))}
+  digits = {int(t): d for d, t in enumerate(digits_of(env.data.tokenizer))}
   encoder = _encoder(env)
   checked = {"index": 0, "span": 0}
   for start in range(0, len(env.samples) - 3, 4):

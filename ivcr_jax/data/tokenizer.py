@@ -21,6 +21,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerBase
 
@@ -52,6 +54,15 @@ def load_plain_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def placeholder_id(tok: PreTrainedTokenizerBase) -> int:
   return tok.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+
+
+def digits_of(tok: PreTrainedTokenizerBase) -> np.ndarray:
+  """Token ids of "0".."9" as single tokens (LLaMA splits numbers into digits): the aux losses
+  read answers digit by digit."""
+  ids = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+  if any(i is None or i == tok.unk_token_id for i in ids):
+    raise ValueError("the tokenizer has no single-token digits 0-9 (required by the aux losses)")
+  return np.asarray(ids, np.int32)
 
 
 def toy_training_texts(num_videos: int = 200, seed: int = 0) -> list[str]:

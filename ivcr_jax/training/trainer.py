@@ -234,14 +234,6 @@ def evaluate(eval_step: Callable, params: dict, frozen: nnx.State,
   return out
 
 
-def digits_of(tokenizer) -> np.ndarray:
-  """Token ids of "0".."9" as single tokens (LLaMA splits numbers into digits)."""
-  ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-  if any(i is None or i == tokenizer.unk_token_id for i in ids):
-    raise ValueError("the tokenizer has no single-token digits 0-9 (required by the aux losses)")
-  return np.asarray(ids, np.int32)
-
-
 def load_trained(config: ml_collections.ConfigDict, checkpoint_dir: str, model: nnx.Module,
                  step: int | None = None) -> int:
   """Writes the trainable parameters of a training checkpoint into `model`, restored straight
