@@ -19,7 +19,15 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from ivcr_jax import multihost, sharding
 from ivcr_jax.convert import checkpoint_chain
-from ivcr_jax.data import feature_store, prepare, records, stores, topk_store, toy_corpus
+from ivcr_jax.data import (
+  feature_store,
+  prepare,
+  records,
+  stores,
+  topk_store,
+  toy_corpus,
+  toy_tokenizer,
+)
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.pipeline import Layout, SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
@@ -206,7 +214,7 @@ def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: st
       logging.info("building the toy corpus and its stores in %s", store_dir)
       prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
     if not d.tokenizer:
-      tokenizer_lib.build_toy_tokenizer(tokenizer_dir)
+      toy_tokenizer.build_toy_tokenizer(tokenizer_dir)
   multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
   return store_dir, tokenizer_dir
 

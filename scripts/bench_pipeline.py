@@ -25,7 +25,16 @@ from absl import flags
 
 from configs.interllava import get_config
 from ivcr_jax import experiment
-from ivcr_jax.data import feature_store, frames, pipeline, prepare, records, stores, toy_corpus
+from ivcr_jax.data import (
+  feature_store,
+  frames,
+  pipeline,
+  prepare,
+  records,
+  stores,
+  toy_corpus,
+  toy_tokenizer,
+)
 from ivcr_jax.data import tokenizer as toks
 
 KINDS = ((720, 1280, 30.0), (360, 640, 30.0), (224, 398, 3.0))  # height, width, fps
@@ -144,7 +153,7 @@ def main() -> None:
   videos = list(store.record_of)
   stored_frames, t_read = _timed(lambda: sum(len(store[v].indices) for v in videos))
 
-  tok = toks.load_tokenizer(toks.build_toy_tokenizer(os.path.join(work, "tokenizer")))
+  tok = toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(os.path.join(work, "tokenizer")))
   layout = pipeline.Layout.from_config(config)
   dialogue_store = stores.DialogueStore(summary["dialogue_store"], "train")
   train = records.make_samples([dialogue_store[i] for i in range(len(dialogue_store))])

@@ -14,6 +14,7 @@ from ivcr_jax import experiment, sharding
 from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.convert.mapping import CheckpointError, Int8Linear
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data import toy_tokenizer
 
 LLAMA_VOCAB = 1024  # the toy tokenizer's vocabulary before the 5 IVCR tokens
 TIMECHAT_FRAMES = 96  # TimeChat's frame positions; the official model has 64
@@ -124,7 +125,7 @@ def llama_dir(path, m, seed=0):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   return tokenizer_lib.load_tokenizer(
-      tokenizer_lib.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+      toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from ivcr_jax.convert import checkpoint_chain, llama_hf
 from ivcr_jax.convert.mapping import Path, export_params
 from ivcr_jax.convert.vision import qformer_rules, vit_rules
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data import toy_tokenizer
 from ivcr_jax.models.eva_vit import CLIP_MEAN, CLIP_STD
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.models.qformer import QFormer
@@ -280,7 +281,7 @@ def run_tokenizers(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
   """The LLM and Q-Former tokenizers a run used (as `experiment.open_data` picks them, without
   opening the data stores)."""
   d = config.data
-  path = d.tokenizer or tokenizer_lib.build_toy_tokenizer(
+  path = d.tokenizer or toy_tokenizer.build_toy_tokenizer(
       os.path.join(workdir, "toy_data", "tokenizer"))
   qformer = tokenizer_lib.load_plain_tokenizer(d.qformer_tokenizer) if d.qformer_tokenizer \
       else None
