@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from ivcr_jax.data import records, stores, toy_corpus
+from ivcr_jax.jsonfile import read_json, write_json
 
 REPORT_FILE = "prep_report.json"
 DEFAULT_FRAMES = stores.FrameSettings()
@@ -79,8 +80,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
                                          progress=progress)
     annotations, video_root = corpus.annotations, corpus.video_root
 
-  with open(annotations, encoding="utf-8") as f:
-    raw = json.load(f)
+  raw = read_json(annotations)
   # Pass 1: which videos do the structurally valid dialogues need?
   first, _ = records.read_annotations(raw, options, video_root=video_root)
   needed = sorted({v for d in first for t in d.turns for v in t.videos})
@@ -105,6 +105,5 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
       "messages": report.messages, "video_failures": frame_store.failures,
       "short_videos": frame_store.short,
       "seconds": round(time.perf_counter() - start, 2)}
-  with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, ensure_ascii=False, indent=1)
+  write_json(os.path.join(out, REPORT_FILE), summary)
   return summary

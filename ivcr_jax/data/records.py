@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ivcr_jax.data.answers import parse_span, parse_video_index
+from ivcr_jax.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,7 @@ def read_annotations(source: str | Iterable[Any], opts: RecordOptions = RecordOp
     problem is also logged as a warning, and the summary at INFO level.
   """
   if isinstance(source, str):
-    with open(source, encoding="utf-8") as f:
-      source = json.load(f)
+    source = read_json(source)
   if not isinstance(source, list):
     raise ValueError(f"an IVCR annotation file holds a list of records, got "
                      f"{type(source).__name__}")

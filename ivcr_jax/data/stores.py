@@ -34,6 +34,7 @@ import numpy as np
 
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data.records import Dialogue, Turn
+from ivcr_jax.jsonfile import read_json, write_json
 
 FRAME_STORE = "ivcr_frames"
 DIALOGUE_STORE = "ivcr_dialogues"
@@ -141,18 +142,11 @@ class VideoStoreResult:
   shards_reused: int  # finished by an earlier, interrupted build (or all: the store was complete)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Atomically: a crash leaves the old file or the new one, never half of one."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _read_json(path: str) -> Any:
-  """The JSON at `path`, or None when it is missing or unreadable."""
+  """The JSON at `path`, or None when it is missing or unreadable (a build marker that an
+  interrupted build may have left half-written: redone, not an error)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -166,12 +160,12 @@ def read_settings(path: str, rebuild: str) -> Any:
   """The JSON file of a store's settings at `path`, or None when it does not exist; a file that
   is there but unreadable is a `StoreError` (it is damaged, not absent)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
-    raise StoreError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}") from e
+    cause = e.__cause__ or e  # the parser's error, which `read_json` wraps to name the file
+    raise StoreError(f"{path} is damaged ({type(cause).__name__}: {cause}); {rebuild}") from e
 
 
 def open_builder(path: str, rebuild: str) -> Any:
@@ -276,7 +270,7 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
                             "overwrite")
     shutil.rmtree(target)
   os.makedirs(build, exist_ok=True)
-  _write_json(os.path.join(build, "plan.json"), wanted)
+  write_json(os.path.join(build, "plan.json"), wanted)
 
   template = tfds.core.ShardedFileTemplate(
       data_dir=target, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
@@ -299,7 +293,7 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
   for k in todo:
     done[k] = _write_shard(paths[k], os.path.join(build, os.path.basename(paths[k])),
                            features, chunks[k], produced)
-    _write_json(markers[k], done[k])
+    write_json(markers[k], done[k])
 
   shards = [done[k] for k in range(len(chunks))]
   split = tfds.core.SplitInfo(name=VIDEO_SPLIT, shard_lengths=[len(s["videos"]) for s in shards],
@@ -311,7 +305,7 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
   index = {**wanted, "videos": [v for s in shards for v in s["videos"]],
            "info": {v: i for s in shards for v, i in s["info"].items()},
            "failures": {v: why for s in shards for v, why in s["failures"].items()}}
-  _write_json(os.path.join(target, INDEX_FILE), index)
+  write_json(os.path.join(target, INDEX_FILE), index)
   shutil.rmtree(build)
   return VideoStoreResult(target, index, len(chunks), len(chunks) - len(todo))
 
