@@ -34,7 +34,6 @@ import collections
 import copy
 import dataclasses
 import functools
-import math
 import threading
 import zlib
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from ivcr_jax import video_windows
 from ivcr_jax.data import feature_store as feature_store_lib
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data import prompt
@@ -77,7 +77,7 @@ class Layout:
   max_digits: int  # digits per number
 
   def tokens_per_video(self, num_frames: int) -> int:
-    return self.queries * math.ceil(num_frames / self.stride)
+    return video_windows.tokens_per_video(num_frames, queries=self.queries, stride=self.stride)
 
   @classmethod
   def from_config(cls, config, batch_size: int | None = None, process_count: int = 1) -> Layout:

@@ -14,22 +14,16 @@ the video Q-Former's cross-attention, which gives exactly the official per-windo
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from ivcr_jax import sharding
+from ivcr_jax import sharding, video_windows
 from ivcr_jax.models import layers
 from ivcr_jax.models.eva_vit import EvaViT, clip_normalize
 from ivcr_jax.models.qformer import QFormer
-
-
-def num_windows(num_frames: int, stride: int) -> int:
-  """Windows start at 0, stride, 2*stride, ... below `num_frames` (the official loop)."""
-  return math.ceil(num_frames / stride)
+from ivcr_jax.video_windows import num_windows
 
 
 class VisionTower(nnx.Module):
@@ -69,7 +63,8 @@ class VisionTower(nnx.Module):
 
   def tokens_per_video(self, num_frames: int) -> int:
     """LLM embeddings produced for a video of `num_frames` frames."""
-    return self.cfg.video_qformer.num_query_tokens * num_windows(num_frames, self.cfg.video.stride)
+    return video_windows.tokens_per_video(
+        num_frames, queries=self.cfg.video_qformer.num_query_tokens, stride=self.cfg.video.stride)
 
   def encode_frames(self, frames: jax.Array) -> jax.Array:
     """`[F, H, W, 3]` frames (uint8, or CLIP-normalised floats) -> `[F, N, vit_width]`.
