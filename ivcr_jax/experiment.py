@@ -29,7 +29,8 @@ from ivcr_jax.data import (
   toy_tokenizer,
 )
 from ivcr_jax.data import tokenizer as tokenizer_lib
-from ivcr_jax.data.pipeline import Layout, SampleEncoder
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import SampleEncoder
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.retriever import training as retriever_training
 from ivcr_jax.training import trainer

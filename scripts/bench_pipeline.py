@@ -36,6 +36,7 @@ from ivcr_jax.data import (
   toy_tokenizer,
 )
 from ivcr_jax.data import tokenizer as toks
+from ivcr_jax.data.batch import Layout
 
 KINDS = ((720, 1280, 30.0), (360, 640, 30.0), (224, 398, 3.0))  # height, width, fps
 
@@ -80,7 +81,7 @@ def write_video(path: str, height: int, width: int, fps: float, seconds: float, 
   writer.close()
 
 
-def _throughput(ds: grain.IterDataset, layout: pipeline.Layout, batches: int
+def _throughput(ds: grain.IterDataset, layout: Layout, batches: int
                 ) -> tuple[float, float, float]:
   """(seconds to the first batch, samples/s, table frames/s) over `batches` batches after it."""
   per_video = layout.tokens_per_video(layout.frames)
@@ -154,7 +155,7 @@ def main() -> None:
   stored_frames, t_read = _timed(lambda: sum(len(store[v].indices) for v in videos))
 
   tok = toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(os.path.join(work, "tokenizer")))
-  layout = pipeline.Layout.from_config(config)
+  layout = Layout.from_config(config)
   dialogue_store = stores.DialogueStore(summary["dialogue_store"], "train")
   train = records.make_samples([dialogue_store[i] for i in range(len(dialogue_store))])
 

@@ -36,6 +36,7 @@ from absl import flags
 from configs.interllava import get_config
 from ivcr_jax import experiment, sharding
 from ivcr_jax.data import feature_store, pipeline, records
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Dialogue
 from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.training import optimizer
@@ -114,7 +115,7 @@ class Runner:
     self.key = jax.random.key(config.seed)
     self.cache: dict[tuple, list] = {}  # shapes -> [compiled, flops, compile s, has run]
 
-  def encoder(self, layout: pipeline.Layout, features: str = "") -> pipeline.SampleEncoder:
+  def encoder(self, layout: Layout, features: str = "") -> pipeline.SampleEncoder:
     config = self.config
     if features:
       config = config.copy_and_resolve_references()
@@ -287,7 +288,7 @@ def run_preset(preset: str, args: argparse.Namespace
                                            args.repeats)
   preset_batch = None
   if preset == "tiny" and not args.quick:  # tiny as the trainer runs it: its batch and buckets
-    layout = pipeline.Layout.from_config(bench_config("tiny", scan=False, buckets=None,
+    layout = Layout.from_config(bench_config("tiny", scan=False, buckets=None,
                                                       batch_size=get_config("tiny").train.batch_size))
     preset_batch = batch_of(runner.encoder(layout),
                             records.make_samples(train, "dialogue")[:layout.batch_size])

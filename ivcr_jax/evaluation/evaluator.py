@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from ivcr_jax import experiment, multihost, sharding
 from ivcr_jax.data import answers, prepare
-from ivcr_jax.data.pipeline import Layout, SampleEncoder, assemble
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
 from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.evaluation import metrics, plots

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ivcr_jax import multihost, sharding
-from ivcr_jax.data.pipeline import Layout
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
