@@ -37,6 +37,7 @@ from ivcr_jax.data import (
 )
 from ivcr_jax.data import tokenizer as toks
 from ivcr_jax.data.batch import Layout
+from ivcr_jax.models.vision_tower import frame_encoder
 
 KINDS = ((720, 1280, 30.0), (360, 640, 30.0), (224, 398, 3.0))  # height, width, fps
 
@@ -182,9 +183,12 @@ def main() -> None:
       config.weights.init_checkpoint = ""  # random weights: the same work
     model = experiment.build_model(config, tok)
     built, t_features = _timed(lambda: feature_store.write_feature_store(
-        os.path.join(work, "features"), store, model.vision, progress=False, overwrite=True))
+        os.path.join(work, "features"), store,
+        frame_encoder(model.vision, feature_store.storage_dtype("float16")),
+        model_cfg=model.vision.cfg, fingerprint=feature_store.vit_fingerprint(model.vision),
+        progress=False, overwrite=True))
     features = feature_store.FeatureStore(built.path)
-    fingerprint = feature_store.vit_fingerprint(model.vision)
+    fingerprint = built.fingerprint
     runs["features (small ViT, float16), 0 worker processes"] = _throughput(
         pipeline.train_dataset(train, encoder(False, feature_store=features,
                                               vit_fingerprint=fingerprint), layout, seed=0),

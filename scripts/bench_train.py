@@ -39,6 +39,7 @@ from ivcr_jax.data import feature_store, pipeline, records
 from ivcr_jax.data.batch import Layout
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Dialogue
 from ivcr_jax.data.tokenizer import digits_of
+from ivcr_jax.models.vision_tower import frame_encoder
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 
@@ -279,8 +280,11 @@ def run_preset(preset: str, args: argparse.Namespace
   train = data.dialogues("train")
   runner = Runner(config, data, args.repeats)
   start = time.perf_counter()
-  store = feature_store.write_feature_store(os.path.join(work, "features"), data.frame_store,
-                                            runner.model.vision, progress=False, overwrite=True)
+  vision = runner.model.vision
+  store = feature_store.write_feature_store(
+      os.path.join(work, "features"), data.frame_store,
+      frame_encoder(vision, feature_store.storage_dtype("float16")), model_cfg=vision.cfg,
+      fingerprint=feature_store.vit_fingerprint(vision), progress=False, overwrite=True)
   info = {"feature_store_s": time.perf_counter() - start, "layout": data.layout}
   print(f"{preset}: stores in {work}; feature store of {len(store.videos)} videos written in "
         f"{info['feature_store_s']:.1f} s", flush=True)

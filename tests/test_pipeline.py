@@ -17,6 +17,7 @@ from ivcr_jax.data.answers import parse_span
 from ivcr_jax.data.records import MOMENT, RETRIEVAL
 from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.models.interllava import splice
+from ivcr_jax.models.vision_tower import frame_encoder
 from ivcr_jax.training import losses
 
 IGNORE = pipeline.IGNORE
@@ -413,10 +414,13 @@ def features(env, tmp_path_factory):
   """Feature stores of the model's ViT, in every storage type."""
   out = tmp_path_factory.mktemp("features")
   built = {}
+  vision = env.model.vision
   for dtype in feature_store.STORAGE_DTYPES:
-    result = feature_store.write_feature_store(str(out / dtype), env.data.frame_store,
-                                               env.model.vision, dtype=dtype, batch_frames=48,
-                                               progress=False)
+    result = feature_store.write_feature_store(
+        str(out / dtype), env.data.frame_store,
+        frame_encoder(vision, feature_store.storage_dtype(dtype)), model_cfg=vision.cfg,
+        fingerprint=feature_store.vit_fingerprint(vision), dtype=dtype, batch_frames=48,
+        progress=False)
     built[dtype] = feature_store.FeatureStore(result.path)
   return built
 

@@ -14,9 +14,13 @@ the video Q-Former's cross-attention, which gives exactly the official per-windo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ivcr_jax import sharding, video_windows
@@ -178,3 +182,18 @@ class VisionTower(nnx.Module):
     tokens = sharding.constrain(self.projection(out).reshape(v, n_w * num_vq, -1), ("batch",))
     window_valid = in_window[:, :, 0]  # [V, n_w]: a window exists if its first frame does
     return tokens, jnp.repeat(window_valid, num_vq, axis=1)
+
+
+def frame_encoder(vision: VisionTower, dtype: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+  """`vision.encode_frames` on the host's frames, jitted with the weights as arguments (a jitted
+  bound method would bake them into the program as constants), the features cast to `dtype` on
+  the device (fewer bytes to the host) and returned as numpy: what a feature store is built
+  with (`data.feature_store.write_feature_store`)."""
+  graphdef, state = nnx.split(vision)
+
+  @jax.jit
+  def run(state, frames):
+    out = nnx.merge(graphdef, state).encode_frames(frames)
+    return out if dtype is None else out.astype(dtype)
+
+  return lambda frames: np.asarray(run(state, frames))
