@@ -171,7 +171,7 @@ def write_feature_store(out_dir: str, frame_store: stores.FrameStore,
 
   num_tokens = (size // vit.patch_size) ** 2 + 1
 
-  def produce(videos: list[str]) -> Iterator[stores.Produced]:
+  def produce(videos: list[str]) -> Iterator[stores.RecordOrFailure]:
     for video, vf, feats in _encoded(videos, frame_store, encode_stored, batch_frames,
                                      (size, size, 3)):
       yield {"video": video, "features": feats, "frame_indices": vf.indices, "fps": vf.fps,

@@ -148,7 +148,7 @@ class SampleEncoder:
       self._local.pair = (copy.deepcopy(llm), copy.deepcopy(qformer))
     return self._local.pair
 
-  def frames_for(self, video: str, kind: str, epoch: int) -> tuple[VideoKey, Video]:
+  def sampled_video(self, video: str, kind: str, epoch: int) -> tuple[VideoKey, Video]:
     """This epoch's frames (or feature rows) of `video` and their table key: the stored ones
     resampled with the configured sampler, and cropped if `self.crop`."""
     n = self.data.frames_moment if kind == MOMENT else self.data.frames_retrieval
@@ -186,7 +186,7 @@ class SampleEncoder:
       times = None
       for video in turn.videos:
         try:
-          key, frames = self.frames_for(video, turn.kind, epoch)
+          key, frames = self.sampled_video(video, turn.kind, epoch)
         except KeyError as e:
           raise MissingVideoError(f"{sample.dialogue.name}, turn text_id {turn.text_id!r}: "
                                   f"{e.args[0]}") from e
@@ -398,7 +398,7 @@ def samples_at(samples: Sequence[Sample], seed: int, first: int, count: int) -> 
   return out
 
 
-class _Elements:
+class _EncodeAtPosition:
   """Position in this process's stream -> encoded element. Global sample positions run through
   epochs (a fresh permutation each) in global batches of `local_batch * process_count`; process
   k takes rows `[k * local_batch, (k + 1) * local_batch)` of each, so the global order does not
@@ -449,7 +449,7 @@ def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Lay
   if not 0 <= process_index < process_count:
     raise ValueError(f"process {process_index} of {process_count}")
   # Index-addressable and effectively endless: a position is a plain integer.
-  ds = grain.MapDataset.range(n * 10**6).map(_Elements(
+  ds = grain.MapDataset.range(n * 10**6).map(_EncodeAtPosition(
       samples, encoder, seed, start=start, local_batch=layout.batch_size,
       process_index=process_index, process_count=process_count))
   ds = ds.batch(layout.batch_size, drop_remainder=True,
