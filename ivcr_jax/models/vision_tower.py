@@ -27,7 +27,6 @@ from ivcr_jax import sharding, video_windows
 from ivcr_jax.models import layers
 from ivcr_jax.models.eva_vit import EvaViT, clip_normalize
 from ivcr_jax.models.qformer import QFormer
-from ivcr_jax.video_windows import num_windows
 
 
 class VisionTower(nnx.Module):
@@ -142,7 +141,7 @@ class VisionTower(nnx.Module):
 
     # Windows: the frame index (within its video) and packed row of every window position.
     window, stride = cfg.video.window, cfg.video.stride
-    n_w = num_windows(t, stride)
+    n_w = video_windows.num_windows(t, stride)
     if window == stride:  # windows tile the frames: a reshape, and every row is in one window
       frame_idx = jnp.arange(n_w * window).reshape(n_w, window)
       slots = jnp.pad(frame_slot, ((0, 0), (0, n_w * window - t)), constant_values=-1)
