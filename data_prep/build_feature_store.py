@@ -18,6 +18,7 @@ from absl import app, flags
 
 from ivcr_jax import configs, experiment
 from ivcr_jax.data import feature_store
+from ivcr_jax.models.vision_tower import frame_encoder
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset], as for training.")
@@ -40,10 +41,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"preset {config.preset!r} trains the ViT (model.trainable has 'vit'): "
                          "stored features would go stale; use a preset with a frozen ViT")
   data = experiment.open_data(config, _WORKDIR.value)
-  model = experiment.build_model(config, data.tokenizer)
+  vision = experiment.build_model(config, data.tokenizer).vision
+  encode = frame_encoder(vision, feature_store.storage_dtype(_DTYPE.value))
   try:
     result = feature_store.write_feature_store(
-        _OUT.value or data.store_dir, data.frame_store, model.vision, dtype=_DTYPE.value,
+        _OUT.value or data.store_dir, data.frame_store, encode, model_cfg=vision.cfg,
+        fingerprint=feature_store.vit_fingerprint(vision), dtype=_DTYPE.value,
         batch_frames=_BATCH_FRAMES.value, overwrite=_OVERWRITE.value)
   except FileExistsError as e:
     raise app.UsageError(f"{e} (--overwrite)") from e

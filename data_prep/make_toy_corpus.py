@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 
 from ivcr_jax.data.toy_corpus import ToyCorpusConfig, write_toy_corpus
+from ivcr_jax.jsonfile import read_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                         chinese_fraction=args.chinese_fraction, chat_turns=not args.no_chat_turns)
   start = time.perf_counter()
   corpus = write_toy_corpus(args.out, cfg, workers=args.workers, progress=True)
-  with open(corpus.annotations, encoding="utf-8") as f:
-    records = json.load(f)
+  records = read_json(corpus.annotations)
   splits = collections.Counter(r["split"] for r in records)
   turns = sum(len(r["conversations"]) // 2 for r in records)
   print(f"{len(records)} dialogues ({dict(splits)}), {turns} turns, {cfg.num_videos} videos "

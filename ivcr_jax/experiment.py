@@ -25,9 +25,18 @@ from jax.experimental.compilation_cache import compilation_cache
 from ivcr_jax import multihost, sharding
 from ivcr_jax.convert import export as export_lib
 from ivcr_jax.convert.mapping import Log
-from ivcr_jax.data import feature_store, prepare, records, stores, topk_store, toy_corpus
+from ivcr_jax.data import (
+  feature_store,
+  prepare,
+  records,
+  stores,
+  topk_store,
+  toy_corpus,
+  toy_tokenizer,
+)
 from ivcr_jax.data import tokenizer as tokenizer_lib
-from ivcr_jax.data.pipeline import Layout, SampleEncoder
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import SampleEncoder
 from ivcr_jax.evaluation import evaluator, metrics
 from ivcr_jax.evaluation.evaluator import Evaluator
 from ivcr_jax.evaluation.session import ChatSession
@@ -240,7 +249,7 @@ def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: st
       logging.info("building the toy corpus and its stores in %s", store_dir)
       prepare.build_stores(store_dir, **wanted, progress=False, overwrite=True)
     if not d.tokenizer:
-      tokenizer_lib.build_toy_tokenizer(tokenizer_path)
+      toy_tokenizer.build_toy_tokenizer(tokenizer_path)
   multihost.barrier(f"toy_data:{os.path.abspath(store_dir)}", timeout_s=3600)
   return store_dir, tokenizer_path
 
@@ -259,7 +268,7 @@ def open_tokenizers(config: ml_collections.ConfigDict, workdir: str) -> tuple[An
   absent: its recipe does not depend on the corpus)."""
   path = tokenizer_dir(config.data, workdir)
   if not config.data.tokenizer:
-    tokenizer_lib.build_toy_tokenizer(path)
+    toy_tokenizer.build_toy_tokenizer(path)
   return load_tokenizers(config.data, path)
 
 

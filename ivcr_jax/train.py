@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from ivcr_jax import configs, experiment, multihost
 from ivcr_jax.data import pipeline
+from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.evaluation import metrics as eval_metrics
 from ivcr_jax.training import trainer
 
@@ -67,7 +68,7 @@ def train(config, workdir: str) -> trainer.Result:
   def describe(first: int, count: int) -> list[str]:
     return [s.dialogue.name for s in pipeline.samples_at(samples, config.seed, first, count)]
 
-  result = trainer.run(config, workdir, model, train_batches, trainer.digits_of(data.tokenizer),
+  result = trainer.run(config, workdir, model, train_batches, digits_of(data.tokenizer),
                        layout=layout,
                        val_batches=val_batches if len(val_samples) >= config.train.batch_size
                        else None, describe=describe)

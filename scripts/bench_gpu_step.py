@@ -27,7 +27,8 @@ from flax import nnx
 
 from configs.interllava import get_config
 from ivcr_jax import sharding
-from ivcr_jax.data.pipeline import Layout, frame_slots
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models import layers
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import optimizer

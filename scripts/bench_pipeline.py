@@ -25,8 +25,19 @@ from absl import flags
 
 from configs.interllava import get_config
 from ivcr_jax import experiment
-from ivcr_jax.data import feature_store, frames, pipeline, prepare, records, stores, toy_corpus
+from ivcr_jax.data import (
+  feature_store,
+  frames,
+  pipeline,
+  prepare,
+  records,
+  stores,
+  toy_corpus,
+  toy_tokenizer,
+)
 from ivcr_jax.data import tokenizer as toks
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.models.vision_tower import frame_encoder
 
 KINDS = ((720, 1280, 30.0), (360, 640, 30.0), (224, 398, 3.0))  # height, width, fps
 
@@ -71,7 +82,7 @@ def write_video(path: str, height: int, width: int, fps: float, seconds: float, 
   writer.close()
 
 
-def _throughput(ds: grain.IterDataset, layout: pipeline.Layout, batches: int
+def _throughput(ds: grain.IterDataset, layout: Layout, batches: int
                 ) -> tuple[float, float, float]:
   """(seconds to the first batch, samples/s, table frames/s) over `batches` batches after it."""
   per_video = layout.tokens_per_video(layout.frames)
@@ -144,8 +155,8 @@ def main() -> None:
   videos = list(store.record_of)
   stored_frames, t_read = _timed(lambda: sum(len(store[v].indices) for v in videos))
 
-  tok = toks.load_tokenizer(toks.build_toy_tokenizer(os.path.join(work, "tokenizer")))
-  layout = pipeline.Layout.from_config(config)
+  tok = toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(os.path.join(work, "tokenizer")))
+  layout = Layout.from_config(config)
   dialogue_store = stores.DialogueStore(summary["dialogue_store"], "train")
   train = records.make_samples([dialogue_store[i] for i in range(len(dialogue_store))])
 
@@ -172,9 +183,12 @@ def main() -> None:
       config.weights.init_checkpoint = ""  # random weights: the same work
     model = experiment.build_model(config, tok)
     built, t_features = _timed(lambda: feature_store.write_feature_store(
-        os.path.join(work, "features"), store, model.vision, progress=False, overwrite=True))
+        os.path.join(work, "features"), store,
+        frame_encoder(model.vision, feature_store.storage_dtype("float16")),
+        model_cfg=model.vision.cfg, fingerprint=feature_store.vit_fingerprint(model.vision),
+        progress=False, overwrite=True))
     features = feature_store.FeatureStore(built.path)
-    fingerprint = feature_store.vit_fingerprint(model.vision)
+    fingerprint = built.fingerprint
     runs["features (small ViT, float16), 0 worker processes"] = _throughput(
         pipeline.train_dataset(train, encoder(False, feature_store=features,
                                               vit_fingerprint=fingerprint), layout, seed=0),

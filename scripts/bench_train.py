@@ -36,8 +36,11 @@ from absl import flags
 from configs.interllava import get_config
 from ivcr_jax import experiment, sharding
 from ivcr_jax.data import feature_store, pipeline, records
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Dialogue
-from ivcr_jax.training import optimizer, trainer
+from ivcr_jax.data.tokenizer import digits_of
+from ivcr_jax.models.vision_tower import frame_encoder
+from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 
 SEQ_BUCKETS = (512, 1024, 2048, 4096)
@@ -108,12 +111,12 @@ class Runner:
     self.tx = optimizer.make_optimizer(config.train)
     self.mesh = sharding.make_mesh(config.mesh)
     self.loss_cfg = step_lib.LossConfig.from_config(config.train,
-                                                    trainer.digits_of(data.tokenizer))
+                                                    digits_of(data.tokenizer))
     self.state = self.frozen = None
     self.key = jax.random.key(config.seed)
     self.cache: dict[tuple, list] = {}  # shapes -> [compiled, flops, compile s, has run]
 
-  def encoder(self, layout: pipeline.Layout, features: str = "") -> pipeline.SampleEncoder:
+  def encoder(self, layout: Layout, features: str = "") -> pipeline.SampleEncoder:
     config = self.config
     if features:
       config = config.copy_and_resolve_references()
@@ -277,8 +280,11 @@ def run_preset(preset: str, args: argparse.Namespace
   train = data.dialogues("train")
   runner = Runner(config, data, args.repeats)
   start = time.perf_counter()
-  store = feature_store.write_feature_store(os.path.join(work, "features"), data.frame_store,
-                                            runner.model.vision, progress=False, overwrite=True)
+  vision = runner.model.vision
+  store = feature_store.write_feature_store(
+      os.path.join(work, "features"), data.frame_store,
+      frame_encoder(vision, feature_store.storage_dtype("float16")), model_cfg=vision.cfg,
+      fingerprint=feature_store.vit_fingerprint(vision), progress=False, overwrite=True)
   info = {"feature_store_s": time.perf_counter() - start, "layout": data.layout}
   print(f"{preset}: stores in {work}; feature store of {len(store.videos)} videos written in "
         f"{info['feature_store_s']:.1f} s", flush=True)
@@ -286,7 +292,7 @@ def run_preset(preset: str, args: argparse.Namespace
                                            args.repeats)
   preset_batch = None
   if preset == "tiny" and not args.quick:  # tiny as the trainer runs it: its batch and buckets
-    layout = pipeline.Layout.from_config(bench_config("tiny", scan=False, buckets=None,
+    layout = Layout.from_config(bench_config("tiny", scan=False, buckets=None,
                                                       batch_size=get_config("tiny").train.batch_size))
     preset_batch = batch_of(runner.encoder(layout),
                             records.make_samples(train, "dialogue")[:layout.batch_size])

@@ -1,9 +1,9 @@
 """The official 7B training step at scale, on paper: compiled ahead of time on abstract meshes.
 
-The step of the `official` preset (EVA ViT-g 39 blocks, both Q-Formers, LLaMA-2-7B with LoRA
-r=32, bf16 compute, f32 trainables, remat) is lowered and compiled through the trainer's own path
-(`Split.of`, `make_train_step`, `jit_train_step`: the config's sharding rules, donated state) on
-fake CPU devices, with shapes only: the model is `nnx.eval_shape`d and every argument is a
+The step of the `official` preset (EVA ViT-g 39 blocks, both Q-Formers, LLaMA-2-7B with LoRA r=32,
+bf16 compute, f32 trainables, remat) is lowered and compiled through the trainer's own path
+(`TrainableSplit.of`, `make_train_step`, `jit_train_step`: the config's sharding rules, donated
+state) on fake CPU devices, with shapes only: the model is `nnx.eval_shape`d and every argument is a
 `jax.ShapeDtypeStruct` carrying the sharding `step.place` would give it, so no weight is ever
 allocated. Per plan (hardware, mesh, samples per micro-step) it reports:
 - bytes per device from `compiled.memory_analysis()` of the full-depth step (XLA:CPU's buffer
@@ -49,7 +49,8 @@ from flax import nnx
 
 from configs.interllava import get_config
 from ivcr_jax import sharding
-from ivcr_jax.data.pipeline import Layout
+from ivcr_jax.data import batch as batch_lib
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.models import eva_vit, trainable
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.models.vision_tower import VisionTower
@@ -111,23 +112,12 @@ def abstract_batch(layout: Layout, seq: int, videos: int, frames: int,
                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of `pipeline.assemble`'s batch for one (sequence, video-table,
   frame-table) bucket triple (features as a float16 store's)."""
-  b, k, d = layout.batch_size, layout.max_numbers, layout.max_digits
-  i32, flag, f32 = np.int32, np.bool_, np.float32
-  shapes = {
-      "input_ids": ((b, seq), i32), "labels": ((b, seq), i32), "video_slot": ((b, seq), i32),
-      "attention_mask": ((b, seq), flag), "position_ids": ((b, seq), i32),
-      "index_pos": ((b, k), i32), "index_target": ((b, k), i32), "index_valid": ((b, k), flag),
-      "span_pos": ((b, k, 2, d), i32), "span_place": ((b, k, 2, d), f32),
-      "span_target": ((b, k, 2), f32), "span_valid": ((b, k), flag),
-      field: ((frames, *item_shape), np.uint8 if field == "frames" else np.float16),
-      "frame_slot": ((videos, layout.frames), i32),
-      "qformer_text_ids": ((frames, layout.text_len), i32),
-      "qformer_text_mask": ((frames, layout.text_len), flag),
-  }
-  return {key: jax.ShapeDtypeStruct(shape, dtype) for key, (shape, dtype) in shapes.items()}
+  spec = batch_lib.batch_spec(layout, seq=seq, videos=videos, frames=frames, field=field,
+                              item_shape=item_shape, item_dtype=np.float16)
+  return {key: jax.ShapeDtypeStruct(*shape_dtype) for key, shape_dtype in spec.items()}
 
 
-def abstract_state(split: step_lib.Split, tx, mesh: jax.sharding.Mesh, rules
+def abstract_state(split: step_lib.TrainableSplit, tx, mesh: jax.sharding.Mesh, rules
                    ) -> tuple[dict, nnx.State]:
   """What `step.place` puts on `mesh` (train state and frozen weights), as sharded
   ShapeDtypeStructs with the shardings of `step.train_state_shardings`."""
@@ -176,7 +166,7 @@ def compile_step(cfg: ml_collections.ConfigDict, batch: int, seq: int, videos_pe
   (`frames_per_sample` frame-table rows; default: every video at full length)."""
   start = time.perf_counter()
   model = nnx.eval_shape(lambda: InterLLaVA(cfg.model, rngs=nnx.Rngs(0)))
-  split = step_lib.Split.of(model, cfg.model.trainable)
+  split = step_lib.TrainableSplit.of(model, cfg.model.trainable)
   tx = optimizer.make_optimizer(cfg.train)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from ivcr_jax.configs import interllava
-from ivcr_jax.data import prompt, toy_corpus
+from ivcr_jax.data import prompt, toy_corpus, toy_tokenizer
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.models import layers
 from ivcr_jax.models.llama import Llama
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> float:
   """Trains and prints loss and index accuracy per window; returns the last window's accuracy."""
   args = parse_args(argv)
   print(vars(args), flush=True)
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.build_toy_tokenizer(args.tokenizer_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(toy_tokenizer.build_toy_tokenizer(args.tokenizer_dir))
   model = build_model(args, len(tokenizer))
   total = args.induction + args.steps
   schedule = optax.warmup_cosine_decay_schedule(args.lr / 10, args.lr, min(100, total // 10 + 1),

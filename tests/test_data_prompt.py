@@ -4,7 +4,7 @@ positions and the Q-Former timestamp text."""
 import numpy as np
 import pytest
 
-from ivcr_jax.data import prompt, records, toy_corpus
+from ivcr_jax.data import prompt, records, toy_corpus, toy_tokenizer
 from ivcr_jax.data import tokenizer as toks
 
 # The chat template of meta-llama/Llama-2-7b-chat-hf (tokenizer_config.json).
@@ -26,12 +26,12 @@ LLAMA2_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return toks.load_tokenizer(toks.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+  return toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-  path = toks.build_toy_bert_tokenizer(str(tmp_path_factory.mktemp("bert")))
+  path = toy_tokenizer.build_toy_bert_tokenizer(str(tmp_path_factory.mktemp("bert")))
   return toks.load_plain_tokenizer(path)
 
 

@@ -79,8 +79,8 @@ def test_frame_store(prepared):
 
 def test_dialogue_store_round_trip(prepared):
   corpus, anns, report = prepared
-  expected, _ = records.read_annotations(anns, durations=toy_corpus.video_durations(
-      corpus.manifest))
+  durations = {s.path: s.duration for s in toy_corpus.make_video_specs(CFG)}
+  expected, _ = records.read_annotations(anns, durations=durations)
   assert report["splits"] == {s: sum(d.split == s for d in expected) for s in
                               ("test", "train", "val")}
   got = []

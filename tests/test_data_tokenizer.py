@@ -8,11 +8,12 @@ import sys
 import pytest
 
 from ivcr_jax.data import tokenizer as toks
+from ivcr_jax.data import toy_tokenizer
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-  return toks.build_toy_tokenizer(str(tmp_path_factory.mktemp("llama_tok")))
+  return toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("llama_tok")))
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +57,17 @@ def test_round_trip(tok, text):
 def test_build_is_cached_and_deterministic(llama_dir, tmp_path):
   path = os.path.join(llama_dir, "tokenizer.json")
   before = os.path.getmtime(path)
-  assert toks.build_toy_tokenizer(llama_dir) == llama_dir
+  assert toy_tokenizer.build_toy_tokenizer(llama_dir) == llama_dir
   assert os.path.getmtime(path) == before
-  other = toks.build_toy_tokenizer(str(tmp_path / "again"))
+  other = toy_tokenizer.build_toy_tokenizer(str(tmp_path / "again"))
   digest = lambda p: hashlib.md5(open(p, "rb").read()).hexdigest()
   assert digest(os.path.join(other, "tokenizer.json")) == digest(path)
-  small = toks.build_toy_tokenizer(str(tmp_path / "again"), vocab_size=600)
+  small = toy_tokenizer.build_toy_tokenizer(str(tmp_path / "again"), vocab_size=600)
   assert len(toks.load_plain_tokenizer(small)) <= 600
 
 
 def test_bert_tokenizer(tmp_path):
-  bert = toks.load_plain_tokenizer(toks.build_toy_bert_tokenizer(str(tmp_path / "bert")))
+  bert = toks.load_plain_tokenizer(toy_tokenizer.build_toy_bert_tokenizer(str(tmp_path / "bert")))
   ids = bert("This frame is sampled at 3.5 second.").input_ids
   assert ids[0] == bert.cls_token_id and ids[-1] == bert.sep_token_id
   assert bert.pad_token_id == 0

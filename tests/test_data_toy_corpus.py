@@ -125,7 +125,7 @@ def test_videos_decode_and_show_the_events(corpus, data):
 
 def test_records_reader_accepts_the_corpus(corpus, data):
   anns, _ = data
-  durations = toy_corpus.video_durations(corpus.manifest)
+  durations = {s.path: s.duration for s in toy_corpus.make_video_specs(CFG)}
   dialogues, report = records.read_annotations(
       corpus.annotations, video_root=corpus.video_root, check_files=True, durations=durations)
   long = sum(len(r["conversations"]) // 2 > 7 for r in anns)

@@ -13,8 +13,9 @@ from configs.interllava import get_config
 from ivcr_jax import experiment
 from ivcr_jax.data import pipeline, prepare
 from ivcr_jax.data.records import MOMENT, RETRIEVAL, Sample
+from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.evaluation import evaluator, metrics
-from ivcr_jax.training import losses, trainer
+from ivcr_jax.training import losses
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_model_ranking_scores_every_retrieval_turn_in_one_pass(toy_run):
   enc = data.encoder(cfg, training=False)
   element = enc(Sample(d, t + 1, (t,)))
   batch = pipeline.assemble([element, element], enc.layout)
-  digits = jnp.asarray(trainer.digits_of(data.tokenizer))
+  digits = jnp.asarray(digits_of(data.tokenizer))
   teacher_forced = nnx.jit(lambda m, b: losses.index_log_prob(m(b), b["index_pos"],
                                                               b["index_target"], digits))
   want = teacher_forced(model, batch)

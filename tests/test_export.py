@@ -20,6 +20,7 @@ from ivcr_jax.convert.mapping import assign_params
 from ivcr_jax.convert.sources import SafetensorsSource, TorchFileSource
 from ivcr_jax.convert.vision import qformer_rules, vit_rules
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data import toy_tokenizer
 from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models.eva_vit import CLIP_MEAN, CLIP_STD
 from ivcr_jax.models.interllava import InterLLaVA
@@ -53,7 +54,7 @@ def run(tmp_path_factory):
   other random trainable values at step 7, exported with `experiment.export`."""
   tmp = tmp_path_factory.mktemp("export")
   workdir = tmp / "run"
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.build_toy_tokenizer(
+  tokenizer = tokenizer_lib.load_tokenizer(toy_tokenizer.build_toy_tokenizer(
       str(workdir / "toy_data" / "tokenizer")))
   config = get_config("tiny").copy_and_resolve_references()
   config.weights.init_checkpoint = str(tmp / "init")

@@ -7,7 +7,8 @@ import numpy as np
 
 from configs.interllava import get_config
 from ivcr_jax import sharding
-from ivcr_jax.data.pipeline import IGNORE, Layout, frame_slots, pad_batch
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import IGNORE, frame_slots, pad_batch
 from ivcr_jax.training.feed import Feed
 
 

@@ -15,8 +15,10 @@ from ivcr_jax import experiment
 from ivcr_jax.data import feature_store, pipeline, records
 from ivcr_jax.data.answers import parse_span
 from ivcr_jax.data.records import MOMENT, RETRIEVAL
+from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.models.interllava import splice
-from ivcr_jax.training import losses, trainer
+from ivcr_jax.models.vision_tower import frame_encoder
+from ivcr_jax.training import losses
 
 IGNORE = pipeline.IGNORE
 
@@ -195,7 +197,7 @@ def test_worker_processes_give_the_same_batches(env):
 
 
 def test_aux_positions_spell_the_ground_truth(env):
-  digits = {int(t): d for d, t in enumerate(trainer.digits_of(env.data.tokenizer))}
+  digits = {int(t): d for d, t in enumerate(digits_of(env.data.tokenizer))}
   encoder = _encoder(env)
   checked = {"index": 0, "span": 0}
   for start in range(0, len(env.samples) - 3, 4):
@@ -412,10 +414,13 @@ def features(env, tmp_path_factory):
   """Feature stores of the model's ViT, in every storage type."""
   out = tmp_path_factory.mktemp("features")
   built = {}
+  vision = env.model.vision
   for dtype in feature_store.STORAGE_DTYPES:
-    result = feature_store.write_feature_store(str(out / dtype), env.data.frame_store,
-                                               env.model.vision, dtype=dtype, batch_frames=48,
-                                               progress=False)
+    result = feature_store.write_feature_store(
+        str(out / dtype), env.data.frame_store,
+        frame_encoder(vision, feature_store.storage_dtype(dtype)), model_cfg=vision.cfg,
+        fingerprint=feature_store.vit_fingerprint(vision), dtype=dtype, batch_frames=48,
+        progress=False)
     built[dtype] = feature_store.FeatureStore(result.path)
   return built
 

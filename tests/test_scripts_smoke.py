@@ -65,12 +65,13 @@ def test_probe_binding_runs():
 
 def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path):
   from ivcr_jax.data import tokenizer as tokenizer_lib
+  from ivcr_jax.data import toy_tokenizer
   from scripts import probe_text_retrieval
 
   argv = ["--statements", "6", "--batch", "2", "--seq", "320", "--positions", "64",
           "--tokenizer_dir", str(tmp_path / "tok")]
   args = probe_text_retrieval.parse_args(argv)
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.build_toy_tokenizer(args.tokenizer_dir))
+  tokenizer = tokenizer_lib.load_tokenizer(toy_tokenizer.build_toy_tokenizer(args.tokenizer_dir))
   batch = probe_text_retrieval.Batches(args, tokenizer)()
   assert batch["is_index"].sum(1).tolist() == [6, 6]  # every "video k" of the answer
   digits = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ivcr_jax import sharding
+from ivcr_jax.data.batch import Layout, batch_spec, empty_batch
 from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import feed, optimizer
@@ -41,21 +42,25 @@ def synthetic_batch(cfg, model, *, batch=4, videos=4, frames=12, seq=96, seed=0)
   text_len = 6
   counts = [frames, frames - 3, frames, 5][:videos]
   table = sum(counts) + 2  # the packed frame table, with two padding rows
-  return {
-      "frames": rng.integers(0, 256, (table, size, size, 3), dtype=np.uint8),
-      "frame_slot": frame_slots(counts, videos, frames),
-      "qformer_text_ids": rng.integers(3, 60, (table, text_len)).astype(np.int32),
-      "qformer_text_mask": np.ones((table, text_len), bool),
-      "input_ids": ids, "video_slot": slot, "labels": labels,
-      "attention_mask": np.ones((batch, seq), bool),
-      "index_pos": np.full((batch, 1), 50, np.int32),
-      "index_target": np.full((batch, 1), 3, np.int32),
-      "index_valid": np.ones((batch, 1), bool),
-      "span_pos": np.tile(np.array([[[[60, 61], [64, 65]]]], np.int32), (batch, 1, 1, 1)),
-      "span_place": np.tile(np.array([[[[10.0, 1.0], [10.0, 1.0]]]], np.float32), (batch, 1, 1, 1)),
-      "span_target": np.tile(np.array([[[12.0, 15.0]]], np.float32), (batch, 1, 1)),
-      "span_valid": np.ones((batch, 1), bool),
-  }
+  layout = Layout(batch_size=batch, seq_buckets=(seq,), video_buckets=(videos,),
+                  frame_buckets=(table,), frames=frames, text_len=text_len,
+                  queries=cfg.model.video_qformer.num_query_tokens, stride=cfg.model.video.stride,
+                  max_numbers=1, max_digits=2)
+  out = empty_batch(batch_spec(layout, seq=seq, videos=videos, frames=table,
+                               item_shape=(size, size, 3)))
+  out["frames"][:] = rng.integers(0, 256, (table, size, size, 3), dtype=np.uint8)
+  out["frame_slot"][:] = frame_slots(counts, videos, frames)
+  out["qformer_text_ids"][:] = rng.integers(3, 60, (table, text_len))
+  out["qformer_text_mask"][:] = True
+  out["input_ids"][:], out["video_slot"][:], out["labels"][:] = ids, slot, labels
+  out["attention_mask"][:] = True
+  out["position_ids"][:] = np.arange(seq)
+  out["index_pos"][:], out["index_target"][:], out["index_valid"][:] = 50, 3, True
+  out["span_pos"][:] = [[60, 61], [64, 65]]
+  out["span_place"][:] = [[10.0, 1.0], [10.0, 1.0]]
+  out["span_target"][:] = [12.0, 15.0]
+  out["span_valid"][:] = True
+  return out
 
 
 def _setup(cfg, mesh_shape, *, alpha=0.01, beta=0.01):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ivcr_jax.data.pipeline import Layout
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.models.interllava import InterLLaVA
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training import trainer

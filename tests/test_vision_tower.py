@@ -9,7 +9,8 @@ from flax import nnx
 from ivcr_jax import sharding
 from ivcr_jax.data.pipeline import frame_slots
 from ivcr_jax.models import trainable
-from ivcr_jax.models.vision_tower import VisionTower, num_windows
+from ivcr_jax.models.vision_tower import VisionTower
+from ivcr_jax.video_windows import num_windows
 
 
 def _tower(cfg, seed=0):

@@ -14,6 +14,7 @@ from ivcr_jax import experiment, sharding
 from ivcr_jax.convert import checkpoint_chain
 from ivcr_jax.convert.mapping import Int8Linear
 from ivcr_jax.data import tokenizer as tokenizer_lib
+from ivcr_jax.data import toy_tokenizer
 from ivcr_jax.training import checkpointing
 from ivcr_jax.training.checkpointing import CheckpointError
 
@@ -126,7 +127,7 @@ def llama_dir(path, m, seed=0):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   return tokenizer_lib.load_tokenizer(
-      tokenizer_lib.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+      toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("tok"))))
 
 
 @pytest.fixture(scope="module")

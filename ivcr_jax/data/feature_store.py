@@ -27,7 +27,7 @@ import collections
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_dtypes
@@ -133,52 +133,55 @@ class FeatureStoreResult:
   shards_reused: int  # finished by an interrupted earlier build
 
 
-def write_feature_store(out_dir: str, frame_store: stores.FrameStore, vision, *,
-                        dtype: str = "float16", batch_frames: int = 64, progress: bool = True,
-                        shard_videos: int = stores.SHARD_VIDEOS,
-                        overwrite: bool = False) -> FeatureStoreResult:
-  """Encodes every stored frame of `frame_store` with `vision.encode_frames` (a `VisionTower`,
-  jitted, `batch_frames` images per call) into a feature store under `out_dir`.
+def storage_dtype(dtype: str) -> np.dtype:
+  """The numpy dtype of features stored as `dtype` (one of `STORAGE_DTYPES`)."""
+  return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
+
+def write_feature_store(out_dir: str, frame_store: stores.FrameStore,
+                        encode: Callable[[np.ndarray], np.ndarray], *, model_cfg: Any,
+                        fingerprint: str, dtype: str = "float16", batch_frames: int = 64,
+                        progress: bool = True, shard_videos: int = stores.SHARD_VIDEOS,
+                        overwrite: bool = False) -> FeatureStoreResult:
+  """Encodes every stored frame of `frame_store` with `encode` into a feature store under
+  `out_dir`.
+
+  The caller runs the model: `encode` maps `[batch_frames, H, W, 3]` uint8 frames to their
+  `[batch_frames, N, W]` ViT features in `storage_dtype(dtype)` (`VisionTower.encode_frames`,
+  e.g. through `vision_tower.frame_encoder`); `model_cfg` is that ViT's model config and
+  `fingerprint` its `vit_fingerprint`, recorded so that the features are only used with it.
   Resumes an interrupted build of the same ViT, dtype and frame store; a store of anything else
   there is an error unless `overwrite` (see `stores.write_video_store`).
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"feature dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
-  cfg = vision.cfg
+  vit = model_cfg.vit
   size = frame_store.settings.size
-  if size != cfg.vit.image_size:
+  if size != vit.image_size:
     raise ValueError(f"the frame store holds {size} px frames but the ViT takes "
-                     f"{cfg.vit.image_size} px; rebuild the frame store with --size "
-                     f"{cfg.vit.image_size}")
-  graphdef, state = nnx.split(vision)
-  cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.dtype(dtype)
+                     f"{vit.image_size} px; rebuild the frame store with --size "
+                     f"{vit.image_size}")
+  stored = storage_dtype(dtype)
 
-  @jax.jit
-  def run(state, frames):
-    return nnx.merge(graphdef, state).encode_frames(frames).astype(cast)
+  def encode_stored(frames: np.ndarray) -> np.ndarray:
+    out = np.asarray(encode(frames))
+    if out.dtype != stored:
+      raise TypeError(f"encode gave {out.dtype} features for a {dtype} feature store")
+    return out.view(np.uint16) if dtype == "bfloat16" else out  # TFDS has no bfloat16
 
-  def encode(frames: np.ndarray) -> np.ndarray:
-    out = np.asarray(run(state, frames))
-    return out.view(np.uint16) if dtype == "bfloat16" else out
+  num_tokens = (size // vit.patch_size) ** 2 + 1
 
-  fingerprint = vit_fingerprint(vision)
-  num_tokens = (size // cfg.vit.patch_size) ** 2 + 1
-
-  def produce(videos: list[str]) -> Iterator[stores.Produced]:
-    for video, vf, feats in _encoded(videos, frame_store, encode, batch_frames, (size, size, 3)):
+  def produce(videos: list[str]) -> Iterator[stores.RecordOrFailure]:
+    for video, vf, feats in _encoded(videos, frame_store, encode_stored, batch_frames,
+                                     (size, size, 3)):
       yield {"video": video, "features": feats, "frame_indices": vf.indices, "fps": vf.fps,
              "num_video_frames": vf.num_video_frames}, {}
 
-  plan = {"vit_fingerprint": fingerprint, "dtype": dtype, "shape": [num_tokens, cfg.vit.width],
-          "vit": {k: cfg.vit[k] for k in _VIT_KEYS}, "compute_dtype": str(cfg.dtype),
+  plan = {"vit_fingerprint": fingerprint, "dtype": dtype, "shape": [num_tokens, vit.width],
+          "vit": {k: vit[k] for k in _VIT_KEYS}, "compute_dtype": str(model_cfg.dtype),
           "frame_settings": dataclasses.asdict(frame_store.settings)}
   result = stores.write_video_store(
-      out_dir, FEATURE_STORE, _features_spec(num_tokens, cfg.vit.width, dtype), plan,
+      out_dir, FEATURE_STORE, _features_spec(num_tokens, vit.width, dtype), plan,
       sorted(frame_store.record_of, key=frame_store.record_of.get), produce,
       shard_videos=shard_videos, overwrite=overwrite, progress="ViT features" if progress else "")
   return FeatureStoreResult(result.path, result.index["videos"], fingerprint,
@@ -197,7 +200,7 @@ class FeatureStore(stores.VideoStore):
     self.fingerprint: str = plan["vit_fingerprint"]
     self.dtype: str = plan["dtype"]
     self.shape: tuple[int, int] = tuple(plan["shape"])  # (N, W) per frame
-    self.item_dtype = np.dtype(ml_dtypes.bfloat16 if self.dtype == "bfloat16" else self.dtype)
+    self.item_dtype = storage_dtype(self.dtype)
     self.frame_settings = stores.FrameSettings(**plan["frame_settings"])
 
   def check(self, fingerprint: str | None, frame_store: stores.FrameStore) -> None:

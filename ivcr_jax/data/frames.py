@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from ivcr_jax.bicubic import bicubic_matrix
+
 SAMPLERS = ("uniform", "rand", "rand_full", "all")
 RESIZE_MODES = ("squash", "shorter_side_crop")
 CropBox = tuple[int, int, int, int]  # (top, left, height, width) in the frame
@@ -201,22 +203,6 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """`[n_out, n_in]` weights of torch's bicubic `interpolate` along one axis (A = -0.75,
-  align_corners=False, no antialiasing, taps clamped at the borders)."""
-  a = -0.75
-  x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-  x0 = np.floor(x)
-  t = x - x0
-  near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
-  far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
-  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], 1)
-  taps = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
-  m = np.zeros((n_out, n_in))
-  np.add.at(m, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
-  return m.astype(np.float32)
-
-
 def resized_crop(frames: np.ndarray, box: CropBox, size: tuple[int, int]) -> np.ndarray:
   """`box` of every frame of `[T, H, W, 3]` uint8 frames, resized to `size` (height, width) with
   torch's bicubic kernel, rounded and clamped to uint8 (the official casts without clamping, B15).
@@ -228,9 +214,9 @@ def resized_crop(frames: np.ndarray, box: CropBox, size: tuple[int, int]) -> np.
   out_h, out_w = size
   crop = np.ascontiguousarray(frames[:, top:top + h, left:left + w].transpose(0, 1, 3, 2),
                               dtype=np.float32)  # [T, h, C, w]
-  x = crop.reshape(-1, w) @ _bicubic_matrix(w, out_w).T  # [T * h * C, out_w]
+  x = crop.reshape(-1, w) @ bicubic_matrix(w, out_w).astype(np.float32).T  # [T * h * C, out_w]
   x = np.ascontiguousarray(x.reshape(t, h, c * out_w).transpose(1, 0, 2)).reshape(h, -1)
-  y = (_bicubic_matrix(h, out_h) @ x).reshape(out_h, t, c, out_w)
+  y = (bicubic_matrix(h, out_h).astype(np.float32) @ x).reshape(out_h, t, c, out_w)
   np.rint(y, out=y)
   np.clip(y, 0, 255, out=y)
   return np.ascontiguousarray(y.astype(np.uint8).transpose(1, 0, 3, 2))

@@ -34,11 +34,10 @@ import collections
 import copy
 import dataclasses
 import functools
-import math
 import threading
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -46,6 +45,7 @@ import numpy as np
 from ivcr_jax.data import feature_store as feature_store_lib
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data import prompt
+from ivcr_jax.data.batch import FIELDS, Layout, batch_spec, empty_batch
 from ivcr_jax.data.records import MOMENT, RecordError, Sample
 
 IGNORE = prompt.IGNORE_INDEX
@@ -59,46 +59,6 @@ Video = frames_lib.VideoFrames | feature_store_lib.VideoFeatures
 
 class MissingVideoError(LookupError):
   """A sample needs a video that its store does not hold; the message names both."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Static shapes of a batch and how videos become LLM tokens."""
-
-  batch_size: int
-  seq_buckets: tuple[int, ...]  # allowed sequence lengths after splicing (ascending)
-  video_buckets: tuple[int, ...]  # allowed video-table sizes (ascending)
-  frame_buckets: tuple[int, ...]  # allowed frame-table sizes (ascending)
-  frames: int  # T: the most frames of a video (the width of `frame_slot`)
-  text_len: int  # L: Q-Former timestamp tokens per frame
-  queries: int  # video Q-Former queries per window
-  stride: int  # sliding-window stride in frames
-  max_numbers: int  # index answers / span answers per sequence
-  max_digits: int  # digits per number
-
-  def tokens_per_video(self, num_frames: int) -> int:
-    return self.queries * math.ceil(num_frames / self.stride)
-
-  @classmethod
-  def from_config(cls, config, batch_size: int | None = None, process_count: int = 1) -> Layout:
-    """The layout of a batch of `batch_size` (default `train.batch_size`) rows, or of one
-    process's share when `process_count` > 1: 1/P of the rows and of every video bucket
-    (`data.video_buckets` size the global table), so the samples fit alike on any number of
-    processes. `data.frame_buckets` () are the video buckets times T: the frame tables of
-    full-length videos."""
-    m, d = config.model, config.data
-    frames = max(d.frames_retrieval, d.frames_moment)
-    batch = batch_size or config.train.batch_size
-    if batch % process_count:
-      raise ValueError(f"batch size {batch} is not a multiple of the {process_count} processes "
-                       "(each assembles an equal share)")
-    share = lambda buckets: tuple(-(-b // process_count) for b in buckets)
-    frame_buckets = tuple(d.frame_buckets) or tuple(b * frames for b in d.video_buckets)
-    return cls(batch_size=batch // process_count, seq_buckets=tuple(d.seq_buckets),
-               video_buckets=share(d.video_buckets), frame_buckets=share(frame_buckets),
-               frames=frames, text_len=d.qformer_text_len,
-               queries=m.video_qformer.num_query_tokens, stride=m.video.stride,
-               max_numbers=d.max_turns, max_digits=d.max_digits)
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -188,7 +148,7 @@ class SampleEncoder:
       self._local.pair = (copy.deepcopy(llm), copy.deepcopy(qformer))
     return self._local.pair
 
-  def frames_for(self, video: str, kind: str, epoch: int) -> tuple[VideoKey, Video]:
+  def sampled_video(self, video: str, kind: str, epoch: int) -> tuple[VideoKey, Video]:
     """This epoch's frames (or feature rows) of `video` and their table key: the stored ones
     resampled with the configured sampler, and cropped if `self.crop`."""
     n = self.data.frames_moment if kind == MOMENT else self.data.frames_retrieval
@@ -226,7 +186,7 @@ class SampleEncoder:
       times = None
       for video in turn.videos:
         try:
-          key, frames = self.frames_for(video, turn.kind, epoch)
+          key, frames = self.sampled_video(video, turn.kind, epoch)
         except KeyError as e:
           raise MissingVideoError(f"{sample.dialogue.name}, turn text_id {turn.text_id!r}: "
                                   f"{e.args[0]}") from e
@@ -263,6 +223,39 @@ def _drop_oldest_turn(sample: Sample) -> Sample:
   return Sample(shorter, sample.num_turns - 1, supervised)
 
 
+class SplicedRow(NamedTuple):
+  """One sequence with its `<VIDEOTOKEN>`s expanded (`splice_row`)."""
+
+  input_ids: np.ndarray
+  labels: np.ndarray
+  video_slot: np.ndarray
+  shift: np.ndarray  # [len(encoded ids) + 1]: how far each encoded position moved
+
+
+def splice_row(enc: prompt.EncodedSample, videos: Sequence[VideoKey], table: dict[VideoKey, int],
+               layout: Layout) -> SplicedRow:
+  """The splice plan of one encoded sequence: each placeholder becomes as many positions as its
+  video yields embeddings, unsupervised, pointing at that video's rows of the flattened
+  `[V * tokens_per_video(T)]` embedding table (`table`: video -> its row of the video table)."""
+  per_video = layout.tokens_per_video(layout.frames)
+  ids, labels, slots, shift = [], [], [], np.zeros(len(enc.input_ids) + 1, np.int64)
+  start = 0
+  for p, key in zip(enc.placeholder_positions, videos, strict=True):
+    ids.append(enc.input_ids[start:p])
+    labels.append(enc.labels[start:p])
+    slots.append(np.full(p - start, -1, np.int32))
+    n = layout.tokens_per_video(len(key[1]))
+    ids.append(np.full(n, enc.input_ids[p], np.int32))
+    labels.append(np.full(n, IGNORE, np.int32))
+    slots.append(table[key] * per_video + np.arange(n, dtype=np.int32))
+    shift[p + 1:] += n - 1
+    start = p + 1
+  ids.append(enc.input_ids[start:])
+  labels.append(enc.labels[start:])
+  slots.append(np.full(len(enc.input_ids) - start, -1, np.int32))
+  return SplicedRow(np.concatenate(ids), np.concatenate(labels), np.concatenate(slots), shift)
+
+
 def assemble(elements: Sequence[dict[str, Any]], layout: Layout) -> dict[str, np.ndarray]:
   """One static-shape batch from encoded elements (see the module docstring)."""
   b = layout.batch_size
@@ -279,70 +272,36 @@ def assemble(elements: Sequence[dict[str, Any]], layout: Layout) -> dict[str, np
         table[key] = len(table)
         frames_of[key] = el["frames"][key]
         text_of[key] = el["qformer_text"][key]
+  rows = [splice_row(el["encoded"], el["videos"], table, layout) for el in elements]
+  counts = [len(frames_of[key].indices) for key in table]
+  s = _bucket(max(len(r.input_ids) for r in rows), layout.seq_buckets, "spliced sequence length")
   v = _bucket(max(len(table), 1), layout.video_buckets,
               "videos per batch (raise data.video_buckets)")
-  per_video = layout.tokens_per_video(layout.frames)
-
-  rows = []
-  for el in elements:
-    enc: prompt.EncodedSample = el["encoded"]
-    ids, labels, slots, shift = [], [], [], np.zeros(len(enc.input_ids) + 1, np.int64)
-    start = 0
-    for p, key in zip(enc.placeholder_positions, el["videos"], strict=True):
-      ids.append(enc.input_ids[start:p])
-      labels.append(enc.labels[start:p])
-      slots.append(np.full(p - start, -1, np.int32))
-      n = layout.tokens_per_video(len(key[1]))
-      ids.append(np.full(n, enc.input_ids[p], np.int32))
-      labels.append(np.full(n, IGNORE, np.int32))
-      slots.append(table[key] * per_video + np.arange(n, dtype=np.int32))
-      shift[p + 1:] += n - 1
-      start = p + 1
-    ids.append(enc.input_ids[start:])
-    labels.append(enc.labels[start:])
-    slots.append(np.full(len(enc.input_ids) - start, -1, np.int32))
-    rows.append((np.concatenate(ids), np.concatenate(labels), np.concatenate(slots), shift, enc))
-  s = _bucket(max(len(r[0]) for r in rows), layout.seq_buckets, "spliced sequence length")
-
-  out = {
-      "input_ids": np.zeros((b, s), np.int32),
-      "labels": np.full((b, s), IGNORE, np.int32),
-      "video_slot": np.full((b, s), -1, np.int32),
-      "attention_mask": np.zeros((b, s), bool),
-      "position_ids": np.zeros((b, s), np.int32),
-  }
-  k, dmax = layout.max_numbers, layout.max_digits
-  aux = {
-      "index_pos": np.zeros((b, k), np.int32), "index_target": np.ones((b, k), np.int32),
-      "index_valid": np.zeros((b, k), bool),
-      "span_pos": np.zeros((b, k, 2, dmax), np.int32),
-      "span_place": np.zeros((b, k, 2, dmax), np.float32),
-      "span_target": np.zeros((b, k, 2), np.float32), "span_valid": np.zeros((b, k), bool),
-  }
-  for i, (ids, labels, slots, shift, enc) in enumerate(rows):
-    n = len(ids)
-    out["input_ids"][i, :n] = ids
-    out["labels"][i, :n] = labels
-    out["video_slot"][i, :n] = slots
-    out["attention_mask"][i, :n] = True
-    out["position_ids"][i, :n] = np.arange(n)
-    _write_numbers(aux, i, enc.numbers, shift, k, dmax)
-  out.update(aux)
-
-  counts = [len(frames_of[key].indices) for key in table]
   f = _bucket(sum(counts), layout.frame_buckets, "frames per batch (raise data.frame_buckets)")
   field = elements[0]["field"]
-  out[field] = np.zeros((f, *elements[0]["item_shape"]), elements[0]["item_dtype"])
+  out = empty_batch(batch_spec(layout, seq=s, videos=v, frames=f, field=field,
+                               item_shape=elements[0]["item_shape"],
+                               item_dtype=elements[0]["item_dtype"]))
+
+  for i, (row, el) in enumerate(zip(rows, elements, strict=True)):
+    n = len(row.input_ids)
+    out["input_ids"][i, :n] = row.input_ids
+    out["labels"][i, :n] = row.labels
+    out["video_slot"][i, :n] = row.video_slot
+    out["attention_mask"][i, :n] = True
+    out["position_ids"][i, :n] = np.arange(n)
+    _write_numbers(out, i, el["encoded"].numbers, row.shift, layout.max_numbers,
+                   layout.max_digits)
+
   out["frame_slot"] = frame_slots(counts, v, layout.frames)
-  out["qformer_text_ids"] = np.full((f, layout.text_len), elements[0]["qformer_pad"], np.int32)
-  out["qformer_text_mask"] = np.zeros((f, layout.text_len), bool)
+  out["qformer_text_ids"][:] = elements[0]["qformer_pad"]
   start = 0
   for key, n in zip(table, counts, strict=True):
-    rows = slice(start, start + n)
-    out[field][rows] = getattr(frames_of[key], field)
+    frame_rows = slice(start, start + n)
+    out[field][frame_rows] = getattr(frames_of[key], field)
     ids, mask = text_of[key]
-    out["qformer_text_ids"][rows] = ids
-    out["qformer_text_mask"][rows] = mask.astype(bool)
+    out["qformer_text_ids"][frame_rows] = ids
+    out["qformer_text_mask"][frame_rows] = mask.astype(bool)
     start += n
   return out
 
@@ -358,7 +317,7 @@ def frame_slots(counts: Sequence[int], videos: int, frames: int) -> np.ndarray:
   return slot
 
 
-def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], shift: np.ndarray,
+def _write_numbers(batch: dict, row: int, numbers: Sequence[prompt.NumberTarget], shift: np.ndarray,
                    k: int, dmax: int) -> None:
   """Digit positions (in spliced coordinates) of the index and span answers of one sequence."""
   index = [n for n in numbers if n.role == "index"]
@@ -367,9 +326,9 @@ def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], 
     if n.role in ("start", "end"):
       spans[n.turn][n.role] = n
   for j, n in enumerate(index[:k]):
-    aux["index_pos"][row, j] = n.positions[0] + shift[n.positions[0]]
-    aux["index_target"][row, j] = int(round(n.value))
-    aux["index_valid"][row, j] = 1 <= n.value <= 10
+    batch["index_pos"][row, j] = n.positions[0] + shift[n.positions[0]]
+    batch["index_target"][row, j] = int(round(n.value))
+    batch["index_valid"][row, j] = 1 <= n.value <= 10
   for j, (_, pair) in enumerate(sorted(spans.items())[:k]):
     if set(pair) != {"start", "end"}:
       continue
@@ -378,11 +337,11 @@ def _write_numbers(aux: dict, row: int, numbers: Sequence[prompt.NumberTarget], 
       if len(n.positions) > dmax:
         break
       pos = np.asarray(n.positions) + shift[np.asarray(n.positions)]
-      aux["span_pos"][row, j, e, :len(pos)] = pos
-      aux["span_place"][row, j, e, :len(pos)] = n.places
-      aux["span_target"][row, j, e] = n.value
+      batch["span_pos"][row, j, e, :len(pos)] = pos
+      batch["span_place"][row, j, e, :len(pos)] = n.places
+      batch["span_target"][row, j, e] = n.value
     else:
-      aux["span_valid"][row, j] = True
+      batch["span_valid"][row, j] = True
 
 
 def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, videos: int,
@@ -402,15 +361,16 @@ def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, vid
   if seq_len < s or videos < v or frames < f:
     raise ValueError(f"cannot pad a batch of {s} positions, {v} videos and {f} frames to "
                      f"{seq_len}, {videos} and {frames}")
-  fill = {"labels": IGNORE, "video_slot": -1, "frame_slot": -1}
-  rows = {**dict.fromkeys(_PER_VIDEO, videos), **dict.fromkeys(_PER_FRAME, frames)}
+  rows = {"V": videos, "F": frames}  # the padded tables' sizes, by their first dimension
   out = {}
   for key, x in batch.items():
-    if key in _PER_POSITION:
-      out[key] = np.pad(x, [(0, 0), (0, seq_len - s)], constant_values=fill.get(key, 0))
-    elif key in rows:
-      out[key] = np.pad(x, [(0, rows[key] - len(x))] + [(0, 0)] * (x.ndim - 1),
-                        constant_values=fill.get(key, 0))
+    spec = FIELDS.get(key)
+    dims, fill = (spec.dims.split(), spec.fill) if spec else ([], 0)
+    if dims[:2] == ["B", "S"]:
+      out[key] = np.pad(x, [(0, 0), (0, seq_len - s)], constant_values=fill)
+    elif dims[0] in rows:
+      out[key] = np.pad(x, [(0, rows[dims[0]] - len(x))] + [(0, 0)] * (x.ndim - 1),
+                        constant_values=fill)
     else:
       out[key] = x
   if first_video_row:
@@ -421,11 +381,6 @@ def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, vid
     slot = out["frame_slot"]
     out["frame_slot"] = np.where(slot >= 0, slot + first_frame_row, slot)
   return out
-
-
-_PER_POSITION = ("input_ids", "labels", "video_slot", "attention_mask", "position_ids")
-_PER_VIDEO = ("frame_slot",)
-_PER_FRAME = ("frames", "features", "qformer_text_ids", "qformer_text_mask")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -443,7 +398,7 @@ def samples_at(samples: Sequence[Sample], seed: int, first: int, count: int) -> 
   return out
 
 
-class _Elements:
+class _EncodeAtPosition:
   """Position in this process's stream -> encoded element. Global sample positions run through
   epochs (a fresh permutation each) in global batches of `local_batch * process_count`; process
   k takes rows `[k * local_batch, (k + 1) * local_batch)` of each, so the global order does not
@@ -494,7 +449,7 @@ def train_dataset(samples: Sequence[Sample], encoder: SampleEncoder, layout: Lay
   if not 0 <= process_index < process_count:
     raise ValueError(f"process {process_index} of {process_count}")
   # Index-addressable and effectively endless: a position is a plain integer.
-  ds = grain.MapDataset.range(n * 10**6).map(_Elements(
+  ds = grain.MapDataset.range(n * 10**6).map(_EncodeAtPosition(
       samples, encoder, seed, start=start, local_batch=layout.batch_size,
       process_index=process_index, process_count=process_count))
   ds = ds.batch(layout.batch_size, drop_remainder=True,

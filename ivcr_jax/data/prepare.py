@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ivcr_jax.data import records, stores, toy_corpus
+from ivcr_jax.jsonfile import read_json, write_json
 
 REPORT_FILE = "prep_report.json"
 DEFAULT_FRAMES = stores.FrameSettings()
@@ -64,13 +66,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
   if not overwrite and read_report(out) is not None:  # (a damaged report is replaced, too)
     raise FileExistsError(f"{out} already holds complete stores ({REPORT_FILE}); choose another "
                           "directory or overwrite")
-  # The dialogue store is cheap and TFDS would keep old records silently: always written anew.
-  for name in (REPORT_FILE, stores.DIALOGUE_STORE) + ((stores.FRAME_STORE,) if overwrite else ()):
-    path = os.path.join(out, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  _clear(out, overwrite)
   start = time.perf_counter()
   what = recipe(annotations=annotations, video_root=video_root, toy=toy, frames=frames,
                 options=options)
@@ -79,8 +75,7 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
                                          progress=progress)
     annotations, video_root = corpus.annotations, corpus.video_root
 
-  with open(annotations, encoding="utf-8") as f:
-    raw = json.load(f)
+  raw = read_json(annotations)
   # Pass 1: which videos do the structurally valid dialogues need?
   first, _ = records.read_annotations(raw, options, video_root=video_root)
   needed = sorted({v for d in first for t in d.turns for v in t.videos})
@@ -91,7 +86,29 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
                                                durations=frame_store.durations)
   dialogue_store = stores.write_dialogue_store(out, dialogues)
 
-  summary = {
+  summary = _summary(what, annotations, video_root, needed, frame_store, dialogue_store,
+                     dialogues, report, seconds=round(time.perf_counter() - start, 2))
+  write_json(os.path.join(out, REPORT_FILE), summary)
+  return summary
+
+
+def _clear(out: str, overwrite: bool) -> None:
+  """Removes the report and the dialogue store under `out` (cheap, and TFDS would keep old
+  records silently: always written anew), and with `overwrite` the frame store too."""
+  for name in (REPORT_FILE, stores.DIALOGUE_STORE) + ((stores.FRAME_STORE,) if overwrite else ()):
+    path = os.path.join(out, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def _summary(what: dict[str, Any], annotations: str, video_root: str, needed: Sequence[str],
+             frame_store: stores.FrameStoreResult, dialogue_store: str,
+             dialogues: Sequence[records.Dialogue], report: records.ReadReport, *,
+             seconds: float) -> dict[str, Any]:
+  """The build report (`REPORT_FILE`): what the stores hold and what was left out, and why."""
+  return {
       "recipe": what, "annotations": annotations, "video_root": video_root,
       "frame_store": frame_store.path, "dialogue_store": dialogue_store,
       "videos": {"needed": len(needed), "stored": len(frame_store.videos),
@@ -104,7 +121,4 @@ def build_stores(out: str, *, annotations: str | None = None, video_root: str | 
                  for s in sorted({d.split for d in dialogues})},
       "messages": report.messages, "video_failures": frame_store.failures,
       "short_videos": frame_store.short,
-      "seconds": round(time.perf_counter() - start, 2)}
-  with open(os.path.join(out, REPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump(summary, f, ensure_ascii=False, indent=1)
-  return summary
+      "seconds": seconds}

@@ -209,12 +209,34 @@ def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase,
   enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
   ids = np.asarray(enc["input_ids"], np.int32)
   offsets = [tuple(o) for o in enc["offset_mapping"]]
-  starts = [s for s, _ in offsets]
 
+  labels, numbers, failures = _supervision(
+      sample, tokenizer, () if generation else sample.supervised, ids, offsets, text,
+      answer_spans)
+  videos, video_turns, positions = _placeholders(sample, tokenizer, ids)
+  out = EncodedSample(text=text, input_ids=ids, labels=labels, placeholder_positions=positions,
+                      videos=tuple(videos), video_turns=tuple(video_turns),
+                      turn_kinds=tuple(t.kind for t in turns), numbers=tuple(numbers),
+                      number_failures=failures)
+  if tokens_per_video is not None and max_len is not None:
+    length = out.spliced_length(tokens_per_video)
+    if length > max_len:
+      raise RecordError("context_too_long", f"{sample.dialogue.name}: {length} tokens with "
+                        f"{len(videos)} videos spliced in, more than max_len {max_len}")
+  return out
+
+
+def _supervision(sample: Sample, tokenizer: PreTrainedTokenizerBase, supervised: Sequence[int],
+                 ids: np.ndarray, offsets: list[tuple[int, int]], text: str,
+                 answer_spans: Sequence[tuple[int, int]]
+                 ) -> tuple[np.ndarray, list[NumberTarget], int]:
+  """Labels (the supervised answers' tokens, each ending in EOS), the digit targets of their
+  index and span answers, and how many answers had numbers that could not be located."""
+  turns = sample.turns
+  starts = [s for s, _ in offsets]
   labels = np.full(len(ids), IGNORE_INDEX, np.int32)
   numbers: list[NumberTarget] = []
   failures = 0
-  supervised = () if generation else sample.supervised
   for t in supervised:
     span_start, span_end = answer_spans[t]
     first = bisect.bisect_left(starts, span_start)
@@ -239,26 +261,22 @@ def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase,
       failures += 1
     else:
       numbers.extend(located)
+  return labels, numbers, failures
 
-  pid = placeholder_id(tokenizer)
-  positions = np.flatnonzero(ids == pid).astype(np.int32)
+
+def _placeholders(sample: Sample, tokenizer: PreTrainedTokenizerBase, ids: np.ndarray
+                  ) -> tuple[list[str], list[int], np.ndarray]:
+  """The sample's videos in prompt order, the turn of each, and the position of each one's
+  `<VIDEOTOKEN>` (one per video, or the prompt is malformed)."""
+  positions = np.flatnonzero(ids == placeholder_id(tokenizer)).astype(np.int32)
   videos, video_turns = [], []
-  for i, turn in enumerate(turns):
+  for i, turn in enumerate(sample.turns):
     videos.extend(turn.videos)
     video_turns.extend([i] * len(turn.videos))
   if len(positions) != len(videos):
     raise ValueError(f"{sample.dialogue.name}: {len(positions)} placeholders in the prompt for "
                      f"{len(videos)} videos (does a question contain {VIDEO_PLACEHOLDER}?)")
-  out = EncodedSample(text=text, input_ids=ids, labels=labels, placeholder_positions=positions,
-                      videos=tuple(videos), video_turns=tuple(video_turns),
-                      turn_kinds=tuple(t.kind for t in turns), numbers=tuple(numbers),
-                      number_failures=failures)
-  if tokens_per_video is not None and max_len is not None:
-    length = out.spliced_length(tokens_per_video)
-    if length > max_len:
-      raise RecordError("context_too_long", f"{sample.dialogue.name}: {length} tokens with "
-                        f"{len(videos)} videos spliced in, more than max_len {max_len}")
-  return out
+  return videos, video_turns, positions
 
 
 # ------------------------------------------------------------------------------------------

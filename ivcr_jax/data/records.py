@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,9 +30,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ivcr_jax.data.answers import parse_span, parse_video_index
+from ivcr_jax.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
+# Turn kinds. The evaluation metrics call retrieval turns "video" (video-retrieval accuracy).
 RETRIEVAL, MOMENT, CHAT = "retrieval", "moment", "chat"
 # Answers and timestamps are rounded to 0.1 s, so a span may end up to 0.05 s past the video.
 _ROUNDING_SLACK_S = 0.051
@@ -211,6 +212,8 @@ def parse_record(raw: Any, index: int, opts: RecordOptions,
 
 def _parse_turn(human: Any, gpt: Any, where: str, opts: RecordOptions, check_path: PathChecker,
                 durations: Mapping[str, float] | None) -> Turn:
+  """One question/answer pair; `gt_se` says the kind: null a chat turn, [-1, -1] a retrieval
+  turn, a span a moment turn."""
   for entry, role in ((human, "human"), (gpt, "gpt")):
     if not isinstance(entry, Mapping) or entry.get("from") != role:
       got = entry.get("from") if isinstance(entry, Mapping) else type(entry).__name__
@@ -244,28 +247,44 @@ def _parse_turn(human: Any, gpt: Any, where: str, opts: RecordOptions, check_pat
     candidates = tuple(raw_c)
 
   if list(gt_se) == [-1, -1]:
-    if len(candidates) != opts.num_candidates or len(set(candidates)) != len(candidates):
-      raise RecordError("bad_candidates", f"{where}: need {opts.num_candidates} distinct "
-                        f"candidate videos, got {len(candidates)} "
-                        f"({len(set(candidates))} distinct)")
-    for c in candidates:
-      check_path(c, where)
-      if durations is not None and c not in durations:
-        raise RecordError("missing_video", f"{where}: candidate video {c!r} is not available "
-                          "(no duration known: missing or undecodable)")
-    if video_id not in candidates:
-      raise RecordError("gt_not_in_candidates", f"{where}: ground-truth video {video_id!r} is "
-                        "not among the candidates (retriever miss)")
-    rank = candidates.index(video_id) + 1
-    said = parse_video_index(answer)
-    if said is None:
-      raise RecordError("no_video_index", f"{where}: retrieval answer has no parsable "
-                        f"'video N': {answer[:80]!r}")
-    if said != rank:
-      raise RecordError("index_mismatch", f"{where}: answer says video {said} but the ground "
-                        f"truth is candidate {rank}")
-    return Turn(RETRIEVAL, question, answer, text_id, video_id, candidates, None, rank)
+    return _retrieval_turn(question, answer, text_id, video_id, candidates, where, opts,
+                           check_path, durations)
+  return _moment_turn(question, answer, text_id, video_id, candidates, gt_se, where, opts,
+                      durations)
 
+
+def _retrieval_turn(question: str, answer: str, text_id: int | str, video_id: str,
+                    candidates: tuple[str, ...], where: str, opts: RecordOptions,
+                    check_path: PathChecker, durations: Mapping[str, float] | None) -> Turn:
+  """A retrieval turn, once its answer is checked against the ground truth's rank among the
+  candidates."""
+  if len(candidates) != opts.num_candidates or len(set(candidates)) != len(candidates):
+    raise RecordError("bad_candidates", f"{where}: need {opts.num_candidates} distinct "
+                      f"candidate videos, got {len(candidates)} "
+                      f"({len(set(candidates))} distinct)")
+  for c in candidates:
+    check_path(c, where)
+    if durations is not None and c not in durations:
+      raise RecordError("missing_video", f"{where}: candidate video {c!r} is not available "
+                        "(no duration known: missing or undecodable)")
+  if video_id not in candidates:
+    raise RecordError("gt_not_in_candidates", f"{where}: ground-truth video {video_id!r} is "
+                      "not among the candidates (retriever miss)")
+  rank = candidates.index(video_id) + 1
+  said = parse_video_index(answer)
+  if said is None:
+    raise RecordError("no_video_index", f"{where}: retrieval answer has no parsable "
+                      f"'video N': {answer[:80]!r}")
+  if said != rank:
+    raise RecordError("index_mismatch", f"{where}: answer says video {said} but the ground "
+                      f"truth is candidate {rank}")
+  return Turn(RETRIEVAL, question, answer, text_id, video_id, candidates, None, rank)
+
+
+def _moment_turn(question: str, answer: str, text_id: int | str, video_id: str,
+                 candidates: tuple[str, ...], gt_se: list, where: str, opts: RecordOptions,
+                 durations: Mapping[str, float] | None) -> Turn:
+  """A moment turn, once its answer's span is checked against `gt_se` and the video's length."""
   start, end = float(gt_se[0]), float(gt_se[1])
   if not 0 <= start < end:
     raise RecordError("bad_span", f"{where}: gt_se {gt_se} is not a span 0 <= start < end")
@@ -310,8 +329,7 @@ def read_annotations(source: str | Iterable[Any], opts: RecordOptions = RecordOp
     problem is also logged as a warning, and the summary at INFO level.
   """
   if isinstance(source, str):
-    with open(source, encoding="utf-8") as f:
-      source = json.load(f)
+    source = read_json(source)
   if not isinstance(source, list):
     raise ValueError(f"an IVCR annotation file holds a list of records, got "
                      f"{type(source).__name__}")

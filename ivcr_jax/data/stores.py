@@ -34,6 +34,7 @@ import numpy as np
 
 from ivcr_jax.data import frames as frames_lib
 from ivcr_jax.data.records import Dialogue, Turn
+from ivcr_jax.jsonfile import read_json, write_json
 
 FRAME_STORE = "ivcr_frames"
 DIALOGUE_STORE = "ivcr_dialogues"
@@ -130,7 +131,7 @@ def _frame_features(size: int | None):
 
 
 # A video's record and what the index keeps about it (JSON), or why it has no record.
-Produced = tuple[dict[str, Any], dict[str, Any]] | str
+RecordOrFailure = tuple[dict[str, Any], dict[str, Any]] | str
 
 
 @dataclasses.dataclass
@@ -141,18 +142,11 @@ class VideoStoreResult:
   shards_reused: int  # finished by an earlier, interrupted build (or all: the store was complete)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Atomically: a crash leaves the old file or the new one, never half of one."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _read_json(path: str) -> Any:
-  """The JSON at `path`, or None when it is missing or unreadable."""
+  """The JSON at `path`, or None when it is missing or unreadable (a build marker that an
+  interrupted build may have left half-written: redone, not an error)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -166,12 +160,12 @@ def read_settings(path: str, rebuild: str) -> Any:
   """The JSON file of a store's settings at `path`, or None when it does not exist; a file that
   is there but unreadable is a `StoreError` (it is damaged, not absent)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return read_json(path)
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
-    raise StoreError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}") from e
+    cause = e.__cause__ or e  # the parser's error, which `read_json` wraps to name the file
+    raise StoreError(f"{path} is damaged ({type(cause).__name__}: {cause}); {rebuild}") from e
 
 
 def open_builder(path: str, rebuild: str) -> Any:
@@ -216,7 +210,7 @@ def check_shards(shards: Iterable[tuple[str, int]], rebuild: str) -> None:
 
 
 def _write_shard(path: str, partial: str, features: Any, videos: list[str],
-                 produced: Iterator[Produced]) -> dict[str, Any]:
+                 produced: Iterator[RecordOrFailure]) -> dict[str, Any]:
   """Writes the records of `videos` to `partial`, then renames it to `path`; returns the shard's
   marker (what the index needs from it, and the file size that validates it)."""
   from array_record.python import array_record_module
@@ -243,7 +237,8 @@ def _write_shard(path: str, partial: str, features: Any, videos: list[str],
 
 
 def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, Any],
-                      videos: Sequence[str], produce: Callable[[Sequence[str]], Iterable[Produced]],
+                      videos: Sequence[str],
+                      produce: Callable[[Sequence[str]], Iterable[RecordOrFailure]],
                       *, shard_videos: int = SHARD_VIDEOS, overwrite: bool = False,
                       progress: str = "") -> VideoStoreResult:
   """Writes TFDS store `name` (one ArrayRecord split, `VIDEO_SPLIT`) of one record per video of
@@ -276,19 +271,14 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
                             "overwrite")
     shutil.rmtree(target)
   os.makedirs(build, exist_ok=True)
-  _write_json(os.path.join(build, "plan.json"), wanted)
+  write_json(os.path.join(build, "plan.json"), wanted)
 
   template = tfds.core.ShardedFileTemplate(
       data_dir=target, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
       dataset_name=name, split=VIDEO_SPLIT, filetype_suffix="array_record")
   paths = [os.fspath(p) for p in template.sharded_filepaths(len(chunks))]
   markers = [os.path.join(build, f"shard-{k:05d}.json") for k in range(len(chunks))]
-  done = {}
-  for k, (path, marker) in enumerate(zip(paths, markers, strict=True)):
-    shard = _read_json(marker)
-    if (isinstance(shard, dict) and os.path.exists(path)
-        and shard.get("file_bytes") == os.path.getsize(path)):
-      done[k] = shard
+  done = _finished_shards(paths, markers)
   todo = [k for k in range(len(chunks)) if k not in done]
   produced = iter(produce([v for k in todo for v in chunks[k]]))
   if progress:
@@ -299,9 +289,31 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
   for k in todo:
     done[k] = _write_shard(paths[k], os.path.join(build, os.path.basename(paths[k])),
                            features, chunks[k], produced)
-    _write_json(markers[k], done[k])
+    write_json(markers[k], done[k])
 
-  shards = [done[k] for k in range(len(chunks))]
+  index = _finish(target, features, template, wanted, [done[k] for k in range(len(chunks))])
+  shutil.rmtree(build)
+  return VideoStoreResult(target, index, len(chunks), len(chunks) - len(todo))
+
+
+def _finished_shards(paths: Sequence[str], markers: Sequence[str]) -> dict[int, dict]:
+  """Shard number -> its marker, for the shards an earlier build finished: marked done, and the
+  shard file still of the size the marker recorded."""
+  done = {}
+  for k, (path, marker) in enumerate(zip(paths, markers, strict=True)):
+    shard = _read_json(marker)
+    if (isinstance(shard, dict) and os.path.exists(path)
+        and shard.get("file_bytes") == os.path.getsize(path)):
+      done[k] = shard
+  return done
+
+
+def _finish(target: str, features: Any, template: Any, wanted: dict[str, Any],
+            shards: Sequence[dict]) -> dict[str, Any]:
+  """Writes the TFDS metadata and then the index (last: it marks the store complete) of the
+  store at `target` from its finished `shards`' markers; returns the index."""
+  import tensorflow_datasets as tfds
+
   split = tfds.core.SplitInfo(name=VIDEO_SPLIT, shard_lengths=[len(s["videos"]) for s in shards],
                               num_bytes=sum(s["num_bytes"] for s in shards),
                               filename_template=template)
@@ -311,9 +323,8 @@ def write_video_store(out_dir: str, name: str, features: Any, plan: dict[str, An
   index = {**wanted, "videos": [v for s in shards for v in s["videos"]],
            "info": {v: i for s in shards for v, i in s["info"].items()},
            "failures": {v: why for s in shards for v, why in s["failures"].items()}}
-  _write_json(os.path.join(target, INDEX_FILE), index)
-  shutil.rmtree(build)
-  return VideoStoreResult(target, index, len(chunks), len(chunks) - len(todo))
+  write_json(os.path.join(target, INDEX_FILE), index)
+  return index
 
 
 class VideoStore:
@@ -375,7 +386,7 @@ def write_frame_store(out_dir: str, videos: Sequence[str], video_root: str,
   """Decodes `videos` (paths relative to `video_root`) into a frame store under `out_dir`,
   `workers` videos at a time; resumes an interrupted build (see `write_video_store`)."""
 
-  def decode(path: str) -> Produced:
+  def decode(path: str) -> RecordOrFailure:
     rng = np.random.default_rng([settings.seed, zlib.crc32(path.encode())])
     try:
       v = frames_lib.load_video(os.path.join(video_root, path), num_frames=settings.num_frames,

@@ -35,6 +35,7 @@ from typing import Any
 from ivcr_jax.data import stores
 from ivcr_jax.data.answers import find_video_index
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Turn
+from ivcr_jax.jsonfile import write_json
 
 META_FILE = "topk.json"
 FORMAT = 1
@@ -84,9 +85,7 @@ def write_topk_store(out: str, splits: Mapping[str, tuple[Sequence[Dialogue], Se
       writer.close()
     os.replace(path + ".tmp", path)
     meta["splits"][split] = {"records": len(dialogues), "queries": queries_fingerprint(dialogues)}
-  with open(os.path.join(out, META_FILE + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(os.path.join(out, META_FILE + ".tmp"), os.path.join(out, META_FILE))  # last: done
+  write_json(os.path.join(out, META_FILE), meta)  # last: its presence marks a complete store
   return out
 
 

@@ -53,6 +53,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ivcr_jax.data.answers import format_seconds
+from ivcr_jax.jsonfile import read_json, write_json
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 220, 40),
@@ -402,10 +403,9 @@ def write_toy_corpus(out_dir: str, cfg: ToyCorpusConfig = ToyCorpusConfig(), *,
   corpus = ToyCorpus(root=out_dir, annotations=os.path.join(out_dir, "annotations.json"),
                      video_root=os.path.join(out_dir, "videos"),
                      manifest=os.path.join(out_dir, "videos.json"))
-  if os.path.exists(corpus.manifest) and os.path.exists(corpus.annotations):
-    with open(corpus.manifest, encoding="utf-8") as f:
-      if json.load(f).get("config") == _config_json(cfg):
-        return corpus
+  if (os.path.exists(corpus.manifest) and os.path.exists(corpus.annotations)
+      and read_json(corpus.manifest).get("config") == _config_json(cfg)):
+    return corpus
   specs = make_video_specs(cfg)
   records = make_dialogues(specs, cfg)
   os.makedirs(os.path.join(corpus.video_root, VIDEO_DIR), exist_ok=True)
@@ -428,15 +428,6 @@ def write_toy_corpus(out_dir: str, cfg: ToyCorpusConfig = ToyCorpusConfig(), *,
                                   "background": s.background,
                                   "events": [dataclasses.asdict(e) for e in s.events]}
                          for s in specs}}
-  with open(corpus.annotations, "w", encoding="utf-8") as f:
-    json.dump(records, f, ensure_ascii=False, indent=1)
-  # The manifest is written last: its presence marks a complete corpus.
-  with open(corpus.manifest, "w", encoding="utf-8") as f:
-    json.dump(manifest, f, ensure_ascii=False, indent=1)
+  write_json(corpus.annotations, records)
+  write_json(corpus.manifest, manifest)  # last: its presence marks a complete corpus
   return corpus
-
-
-def video_durations(manifest_path: str) -> dict[str, float]:
-  """Relative video path -> duration in seconds, from a toy corpus's `videos.json`."""
-  with open(manifest_path, encoding="utf-8") as f:
-    return {path: v["duration"] for path, v in json.load(f)["videos"].items()}

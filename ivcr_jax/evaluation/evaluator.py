@@ -44,12 +44,13 @@ from ivcr_jax import multihost, sharding
 from ivcr_jax.data import answers
 from ivcr_jax.data.pipeline import SampleEncoder, assemble
 from ivcr_jax.data.records import CHAT, MOMENT, RETRIEVAL, Dialogue, Sample
+from ivcr_jax.data.tokenizer import digits_of
 from ivcr_jax.evaluation import metrics, plots
 from ivcr_jax.evaluation.metrics import TurnResult
 from ivcr_jax.jsonfile import write_json
 from ivcr_jax.models.generation import Sampling, generate
 from ivcr_jax.models.interllava import InterLLaVA
-from ivcr_jax.training import losses, trainer
+from ivcr_jax.training import losses
 
 HISTORY_MODES = ("oracle", "interactive")
 
@@ -133,7 +134,7 @@ class Evaluator:
     """`[N, 10]` log-probabilities of answering index 1..10 in each sample's last turn, a
     retrieval answer teacher-forced with its index written "1" (`ranking_sample`); one forward
     pass per batch, no generation."""
-    digits = jnp.asarray(trainer.digits_of(self.tokenizer))
+    digits = jnp.asarray(digits_of(self.tokenizer))
     out = []
     for i in tqdm(range(0, len(samples), self.batch_size), desc="ranking", unit="batch",
                   leave=False, disable=not multihost.is_main()):

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from ivcr_jax import sharding
+from ivcr_jax.bicubic import bicubic_matrix
 from ivcr_jax.models import layers
 
 # CLIP pixel statistics used by the official `NormalizeVideo`.
@@ -138,24 +139,6 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: int) -> np.ndarray:
     return pos_embed
   dim = grid_tokens.shape[-1]
   grid = grid_tokens.reshape(old, old, dim).astype(np.float64)
-  weights = _bicubic_matrix(old, new_grid)
+  weights = bicubic_matrix(old, new_grid)
   out = np.einsum("ia,jb,abd->ijd", weights, weights, grid).reshape(1, new_grid * new_grid, dim)
   return np.concatenate([cls, out.astype(pos_embed.dtype)], axis=1)
-
-
-def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-  """`[out, in]` interpolation weights of torch's bicubic kernel with clamped borders."""
-
-  def cubic(t):
-    t = np.abs(t)
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
-
-  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-  base = np.floor(src).astype(int)
-  frac = src - base
-  weights = np.zeros((out_size, in_size))
-  for offset in range(-1, 3):
-    idx = np.clip(base + offset, 0, in_size - 1)
-    np.add.at(weights, (np.arange(out_size), idx), cubic(offset - frac))
-  return weights

@@ -14,22 +14,19 @@ the video Q-Former's cross-attention, which gives exactly the official per-windo
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from ivcr_jax import sharding
+from ivcr_jax import sharding, video_windows
 from ivcr_jax.models import layers
 from ivcr_jax.models.eva_vit import EvaViT, clip_normalize
 from ivcr_jax.models.qformer import QFormer
-
-
-def num_windows(num_frames: int, stride: int) -> int:
-  """Windows start at 0, stride, 2*stride, ... below `num_frames` (the official loop)."""
-  return math.ceil(num_frames / stride)
 
 
 class VisionTower(nnx.Module):
@@ -69,7 +66,8 @@ class VisionTower(nnx.Module):
 
   def tokens_per_video(self, num_frames: int) -> int:
     """LLM embeddings produced for a video of `num_frames` frames."""
-    return self.cfg.video_qformer.num_query_tokens * num_windows(num_frames, self.cfg.video.stride)
+    return video_windows.tokens_per_video(
+        num_frames, queries=self.cfg.video_qformer.num_query_tokens, stride=self.cfg.video.stride)
 
   def encode_frames(self, frames: jax.Array) -> jax.Array:
     """`[F, H, W, 3]` frames (uint8, or CLIP-normalised floats) -> `[F, N, vit_width]`.
@@ -143,7 +141,7 @@ class VisionTower(nnx.Module):
 
     # Windows: the frame index (within its video) and packed row of every window position.
     window, stride = cfg.video.window, cfg.video.stride
-    n_w = num_windows(t, stride)
+    n_w = video_windows.num_windows(t, stride)
     if window == stride:  # windows tile the frames: a reshape, and every row is in one window
       frame_idx = jnp.arange(n_w * window).reshape(n_w, window)
       slots = jnp.pad(frame_slot, ((0, 0), (0, n_w * window - t)), constant_values=-1)
@@ -183,3 +181,18 @@ class VisionTower(nnx.Module):
     tokens = sharding.constrain(self.projection(out).reshape(v, n_w * num_vq, -1), ("batch",))
     window_valid = in_window[:, :, 0]  # [V, n_w]: a window exists if its first frame does
     return tokens, jnp.repeat(window_valid, num_vq, axis=1)
+
+
+def frame_encoder(vision: VisionTower, dtype: Any = None) -> Callable[[np.ndarray], np.ndarray]:
+  """`vision.encode_frames` on the host's frames, jitted with the weights as arguments (a jitted
+  bound method would bake them into the program as constants), the features cast to `dtype` on
+  the device (fewer bytes to the host) and returned as numpy: what a feature store is built
+  with (`data.feature_store.write_feature_store`)."""
+  graphdef, state = nnx.split(vision)
+
+  @jax.jit
+  def run(state, frames):
+    out = nnx.merge(graphdef, state).encode_frames(frames)
+    return out if dtype is None else out.astype(dtype)
+
+  return lambda frames: np.asarray(run(state, frames))

@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from ivcr_jax import multihost, sharding
-from ivcr_jax.data.pipeline import Layout, pad_batch
+from ivcr_jax.data.batch import Layout
+from ivcr_jax.data.pipeline import pad_batch
 
 
 class Feed:

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ivcr_jax import multihost, sharding
-from ivcr_jax.data.pipeline import Layout
+from ivcr_jax.data.batch import Layout
 from ivcr_jax.training import optimizer
 from ivcr_jax.training import step as step_lib
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
@@ -219,9 +219,3 @@ def validation_losses(eval_step: Callable, params: dict, frozen: nnx.State,
   return out
 
 
-def digits_of(tokenizer) -> np.ndarray:
-  """Token ids of "0".."9" as single tokens (LLaMA splits numbers into digits)."""
-  ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-  if any(i is None or i == tokenizer.unk_token_id for i in ids):
-    raise ValueError("the tokenizer has no single-token digits 0-9 (required by the aux losses)")
-  return np.asarray(ids, np.int32)
