@@ -30,3 +30,32 @@ def tiny_config():
   from configs.interllava import get_config
 
   return get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def toy_stores(tmp_path_factory):
+  """`toy_stores(config)`: a directory of toy stores (corpus, frame and dialogue stores,
+  tokenizer) for the `data` section of `config`, built once per session per recipe and shared by
+  the modules that ask for the same one. Set `data.stores` to it; tests only read it (a test that
+  damages stores builds its own). The key is what `experiment.store_dirs` builds from: a config
+  that differs in it gets other stores."""
+  from ivcr_jax import experiment
+  from ivcr_jax.data import records
+
+  built = {}
+
+  def get(config, image_size: int | None = None) -> str:
+    d = config.data
+    assert not d.annotations and not d.tokenizer, "toy stores only"
+    if image_size is None:  # the retriever's frame_size, the InterLLaVA ViT's image size
+      image_size = config.frame_size if "frame_size" in config else config.model.vit.image_size
+    key = (d.toy_num_videos, d.toy_seed, d.toy_size, d.toy_retriever_noise, d.resize_mode,
+           image_size, records.RecordOptions.from_config(d))
+    if key not in built:
+      data = d.copy_and_resolve_references()
+      with data.unlocked():
+        data.stores = str(tmp_path_factory.mktemp("toy_stores") / "toy_data")
+      built[key] = experiment.store_dirs(data, image_size, "")[0]
+    return built[key]
+
+  return get
