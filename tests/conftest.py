@@ -33,16 +33,17 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def toy_stores(tmp_path_factory):
-  """`toy_stores(config)`: a directory of toy stores (corpus, frame and dialogue stores,
+def shared_toy_stores(tmp_path_factory):
+  """`shared_toy_stores(config)`: a directory of toy stores (corpus, frame and dialogue stores,
   tokenizer) for the `data` section of `config`, built once per session per recipe and shared by
   the modules that ask for the same one. Set `data.stores` to it; tests only read it (a test that
   damages stores builds its own). The key is what `experiment.store_dirs` builds from: a config
   that differs in it gets other stores."""
   from ivcr_jax import experiment
-  from ivcr_jax.data import records
+  from ivcr_jax.data import prepare, records
 
-  built = {}
+  built = {}  # key -> (directory, modification time of its build report)
+  report = lambda store_dir: os.stat(os.path.join(store_dir, prepare.REPORT_FILE)).st_mtime_ns
 
   def get(config, image_size: int | None = None) -> str:
     d = config.data
@@ -54,8 +55,11 @@ def toy_stores(tmp_path_factory):
     if key not in built:
       data = d.copy_and_resolve_references()
       with data.unlocked():
-        data.stores = str(tmp_path_factory.mktemp("toy_stores") / "toy_data")
-      built[key] = experiment.store_dirs(data, image_size, "")[0]
-    return built[key]
+        data.stores = str(tmp_path_factory.mktemp("shared_toy_stores") / "toy_data")
+      store_dir = experiment.store_dirs(data, image_size, "")[0]
+      built[key] = store_dir, report(store_dir)
+    for store_dir, made in built.values():  # a config outside the key made a user rebuild them
+      assert report(store_dir) == made, f"the shared toy stores {store_dir} were rebuilt"
+    return built[key][0]
 
   return get

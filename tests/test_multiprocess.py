@@ -51,7 +51,7 @@ TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory, toy_stores):
+def space(tmp_path_factory, shared_toy_stores):
   """The toy stores every run reads (`stores`, built once in this process, not by a training
   process of their own) and a compilation cache shared by the runs, so a restarted command does
   not recompile."""
@@ -59,7 +59,7 @@ def space(tmp_path_factory, toy_stores):
   config = get_config("tiny").copy_and_resolve_references()
   with config.unlocked():
     config.data.toy_num_videos = SETTINGS["data.toy_num_videos"]
-  os.symlink(toy_stores(config), root / "stores")
+  os.symlink(shared_toy_stores(config), root / "stores")
   return root
 
 

@@ -22,11 +22,11 @@ def _no_dropout(cfg):
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_stores):
+def toy(tmp_path_factory, shared_toy_stores):
   """The benchmark's tiny config, its toy corpus, and the batch of a retrieval-turn sample."""
   config = _no_dropout(bench_train.bench_config("tiny", scan=False))
   with config.unlocked():
-    config.data.stores = toy_stores(config)
+    config.data.stores = shared_toy_stores(config)
   data = experiment.open_data(config, str(tmp_path_factory.mktemp("bench")))
   dialogue = bench_train.find_dialogue(data.dialogues("train"),
                                        lambda kinds: kinds == ["retrieval", "moment"], "R>M")
