@@ -124,13 +124,15 @@ class Terminal:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_toy_stores):
   """A 16-video toy corpus, a retriever and an InterLLaVA model trained a few steps on it."""
   root = tmp_path_factory.mktemp("chat")
-  stores = str(root / "stores")
-  overrides = {"data.toy_num_videos": 16, "data.stores": stores}
   rcfg = retriever_config("tiny").copy_and_resolve_references()
   lcfg = llm_config("tiny").copy_and_resolve_references()
+  with rcfg.unlocked():
+    rcfg.data.toy_num_videos = 16
+  stores = shared_toy_stores(rcfg)
+  overrides = {"data.toy_num_videos": 16, "data.stores": stores}
   for cfg in (rcfg, lcfg):
     with cfg.unlocked():
       cfg.data.toy_num_videos, cfg.data.stores = 16, stores

@@ -82,7 +82,13 @@ def test_model_ranking_scores_every_retrieval_turn_in_one_pass(toy_run):
   with pytest.raises(ValueError, match="not a retrieval answer"):
     evaluator.ranking_sample(*moment)
   out = metrics.compute([p.result for p in ranked])
-  assert out["counts"]["ranked_turns"] == len(video) and 0 <= out["ranking_mrr"] <= 1
+  assert out["counts"]["ranked_turns"] == len(video)
+  # The ground truth's place among the 10 scores, best first.
+  ranks = np.array([1 + np.flatnonzero(np.argsort(-np.asarray(r.index_scores), kind="stable")
+                                       == r.gt_index - 1)[0] for r in video])
+  assert out["ranking_mrr"] == pytest.approx(np.mean(1 / ranks))
+  assert [out[f"ranking_r@{k}"] for k in (1, 3, 5)] == pytest.approx(
+      [np.mean(ranks <= k) for k in (1, 3, 5)])
 
 
 def test_generation_prompts_equal_training_prompts_up_to_the_answer(toy_run):

@@ -220,7 +220,9 @@ def test_store_readers_name_damaged_files(toy_stores, tmp_path, tiny_config):
   _build_toy_stores(tiny_config, out)
   assert prepare.read_report(str(out))["frame_shards"] == {"total": 1, "reused": 0}
   assert len(stores.FrameStore(str(frame_dir))) == 12
-  assert len(stores.DialogueStore(str(dialogue_dir), "train")) > 0
+  pristine = toy_stores / stores.DIALOGUE_STORE / stores.STORE_VERSION
+  rebuilt, before = (len(stores.DialogueStore(str(d), "train")) for d in (dialogue_dir, pristine))
+  assert rebuilt == before > 0  # the same dialogues as before the damage
 
 
 def test_feature_and_topk_stores_name_damaged_files(toy_stores, tmp_path):

@@ -157,7 +157,6 @@ def _copy(reference, workdir, *, upto):
       shutil.rmtree(workdir / "checkpoints" / str(step))
 
 
-@pytest.mark.slow
 def test_sigkill_anywhere_then_the_same_command_resumes_exactly(space, reference):
   """Three kills in a row on one run directory, each followed by the same command: the one that
   ends the run finishes with the reference's losses and state, bit for bit."""

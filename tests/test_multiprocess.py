@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs.interllava import get_config
 from ivcr_jax import launch
 
 STEPS = 3
@@ -39,8 +40,9 @@ SETTINGS = {  # --config.<key>=<value> of every run
     "model.video_qformer.dropout": 0, "model.video_qformer.attention_dropout": 0}
 
 
-def _args(**overrides) -> list[str]:
-  settings = {**SETTINGS, **{k.replace("__", "."): v for k, v in overrides.items()}}
+def _args(space, **overrides) -> list[str]:
+  settings = {**SETTINGS, "data.stores": space / "stores",
+              **{k.replace("__", "."): v for k, v in overrides.items()}}
   return (["--config=configs/interllava.py:tiny", "--heartbeat_timeout=10"]
           + [f"--config.{k}={v}" for k, v in settings.items()])
 
@@ -49,15 +51,15 @@ TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")
-def space(tmp_path_factory):
-  """A toy corpus built once (copied into every run's workdir) and a compilation cache shared by
-  the runs, so a restarted command does not recompile."""
+def space(tmp_path_factory, shared_toy_stores):
+  """The toy stores every run reads (`stores`, built once in this process, not by a training
+  process of their own) and a compilation cache shared by the runs, so a restarted command does
+  not recompile."""
   root = tmp_path_factory.mktemp("multiprocess")
-  seed = root / "seed"
-  done = subprocess.run([sys.executable, "-m", "ivcr_jax.train",
-                         *_args(train__num_steps=0, mesh__shape="(1,1,1)"), f"--workdir={seed}"],
-                        capture_output=True, text=True, env=_env(root), timeout=TIMEOUT)
-  assert done.returncode == 0, done.stderr[-4000:]
+  config = get_config("tiny").copy_and_resolve_references()
+  with config.unlocked():
+    config.data.toy_num_videos = SETTINGS["data.toy_num_videos"]
+  os.symlink(shared_toy_stores(config), root / "stores")
   return root
 
 
@@ -70,15 +72,17 @@ def _env(root) -> dict:
 
 
 def _workdir(space, name, *, like=None, keep_steps=None):
-  """A fresh run directory with the toy corpus, or a copy of run `like` whose checkpoints after
-  `keep_steps` are removed (a run stopped there)."""
+  """A fresh run directory, or a copy of run `like` whose checkpoints after `keep_steps` are
+  removed (a run stopped there)."""
   out = space / name
-  shutil.copytree(space / (like or "seed"), out, ignore=shutil.ignore_patterns("tensorboard"))
-  if like is not None:
-    for step in os.listdir(out / "checkpoints"):
-      if step.isdigit() and int(step) > keep_steps:
-        shutil.rmtree(out / "checkpoints" / step)
-    os.remove(out / "train_history.json")
+  if like is None:
+    out.mkdir()
+    return out
+  shutil.copytree(space / like, out, ignore=shutil.ignore_patterns("tensorboard"))
+  for step in os.listdir(out / "checkpoints"):
+    if step.isdigit() and int(step) > keep_steps:
+      shutil.rmtree(out / "checkpoints" / step)
+  os.remove(out / "train_history.json")
   return out
 
 
@@ -86,13 +90,15 @@ def _run(space, workdir, processes, **overrides):
   """The same command on `processes` processes (`python -m ivcr_jax.launch`), 8 devices in all."""
   cmd = [sys.executable, "-m", "ivcr_jax.launch", f"--num_processes={processes}",
          f"--devices_per_process={8 // processes}", "--grace=30", "--",
-         sys.executable, "-m", "ivcr_jax.train", *_args(**overrides), f"--workdir={workdir}"]
+         sys.executable, "-m", "ivcr_jax.train", *_args(space, **overrides),
+         f"--workdir={workdir}"]
   done = subprocess.run(cmd, capture_output=True, text=True, env=_env(space), timeout=TIMEOUT)
+  out = done.stdout + done.stderr
   if done.returncode:
-    out = done.stdout + done.stderr
     first = out.find("Traceback")
     pytest.fail(f"exit {done.returncode}; first traceback:\n{out[first:first + 3000]}\n...\n"
                 f"{out[-3000:]}")
+  assert "building the toy corpus" not in out  # the shared stores fit the runs' settings
   return done
 
 
@@ -155,7 +161,7 @@ def test_a_killed_process_stops_the_others_and_the_command_resumes(space, baseli
   coordinator's error within the heartbeat timeout; the same command then finishes the run
   exactly as the one-process run (history kept across the restart)."""
   workdir = _workdir(space, "two")
-  cmd = [sys.executable, "-m", "ivcr_jax.train", *_args(), f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "ivcr_jax.train", *_args(space), f"--workdir={workdir}"]
   port = launch.free_port()
   procs = [subprocess.Popen(cmd, env=launch.process_env(_env(space), i, 2, port, 4),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

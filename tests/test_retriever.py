@@ -77,10 +77,12 @@ def test_rank_metrics():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, shared_toy_stores):
   """A tiny retriever trained on a 16-video toy corpus, plus the same run stopped and resumed."""
   root = tmp_path_factory.mktemp("retriever")
   config = _config()
+  with config.unlocked():
+    config.data.stores = shared_toy_stores(config)
   store_dir, tok_dir = experiment.store_dirs(config.data, config.frame_size, str(root / "a"))
   with config.unlocked():
     config.data.stores = store_dir

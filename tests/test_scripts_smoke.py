@@ -3,6 +3,7 @@ on a real toy batch, plan_7b's abstract batch and compile match what the pipelin
 use (at the tiny preset, dropout off to halve the compile times), and probe_binding trains."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -21,9 +22,11 @@ def _no_dropout(cfg):
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, shared_toy_stores):
   """The benchmark's tiny config, its toy corpus, and the batch of a retrieval-turn sample."""
   config = _no_dropout(bench_train.bench_config("tiny", scan=False))
+  with config.unlocked():
+    config.data.stores = shared_toy_stores(config)
   data = experiment.open_data(config, str(tmp_path_factory.mktemp("bench")))
   dialogue = bench_train.find_dialogue(data.dialogues("train"),
                                        lambda kinds: kinds == ["retrieval", "moment"], "R>M")
@@ -33,8 +36,16 @@ def toy(tmp_path_factory):
 
 def test_bench_train_step(toy):
   config, data, batch = toy
-  m = bench_train.Runner(config, data, repeats=1).measure(batch)
-  assert m.seconds > 0 and m.compile_s > 0
+  runner = bench_train.Runner(config, data, repeats=1)
+  m = runner.measure(batch)
+  ran = int(runner.state["step"])
+  assert ran in (1, 2)  # the timed step, after a warm-up step unless that one took > 2 s
+  again = runner.measure(batch, repeats=3)
+  # The compiled step is reused: three more steps on the threaded state, no second compile.
+  assert int(runner.state["step"]) == ran + 3 and len(runner.cache) == 1
+  assert (again.flops, again.compile_s) == (m.flops, m.compile_s)
+  # A step of the tiny model takes a small part of its compile.
+  assert 0 < m.seconds < m.compile_s and 0 < again.seconds < m.compile_s
   # XLA's count of the unrolled step and plan_7b's analytic count agree (no remat at tiny).
   analytic = plan_7b.analytic_flops(experiment.model_config(config, data.tokenizer),
                                     batch["input_ids"].shape[1],
@@ -58,12 +69,43 @@ def test_plan_7b_compiles_abstract_step(toy):
   assert 0 < c.state_bytes["params"] < 4 * c.params[0]
 
 
-def test_probe_binding_runs():
-  accuracy = probe_binding.main(["--steps", "4", "--report_every", "2", "--batch", "2"])
-  assert 0.0 <= accuracy <= 1.0
+def _reports(out: str) -> list[dict[str, float]]:
+  """The numbers of the probes' per-window lines ("step N ... loss L ... accuracy A ...")."""
+  return [{"step": int(m[1]), "loss": float(m[2]), "accuracy": float(m[3])} for m in re.finditer(
+      r"^step +(\d+) .*?loss ([\d.]+) .*?(?:accuracy|induction) ([\d.]+)", out, re.MULTILINE)]
 
 
-def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path):
+def test_probe_binding_examples_and_training(capsys):
+  """Every example binds its query to the right block, and 40 steps learn the output format:
+  the index token's loss falls from log(64) (the whole vocabulary) to about log(10) (a guess
+  among the legal indices); the returned accuracy is the last window's."""
+  args = probe_binding.parse_args(["--batch", "4"])
+  batch = probe_binding.Batches(args)()
+  ids, attributes = np.asarray(batch["ids"]), np.asarray(batch["attributes"])
+  pb, colours = probe_binding, probe_binding.COLOURS
+  for i in range(4):
+    last = int(batch["last"][i])
+    assert ids[i, last] == pb.VIDEO_WORD and not ids[i, last + 1:].any()
+    colour = ids[i, ids[i] >= pb.COLOUR_WORD][0] - pb.COLOUR_WORD
+    shape = ids[i, (ids[i] >= pb.SHAPE_WORD) & (ids[i] < pb.MOTION_WORD)][0] - pb.SHAPE_WORD
+    # The target's block: the video tokens after "<VID> target </VID> <VIDEO>".
+    start = np.flatnonzero(ids[i] == int(batch["target"][i]))[0] + 3
+    block = attributes[i, start:start + args.video_tokens]
+    assert (block[:, colour] == 1).all() and (block[:, colours + shape] == 1).all()
+    # The query's colour and shape pair is the target's only.
+    assert (attributes[i, :, colour] * attributes[i, :, colours + shape]).sum() == \
+        args.video_tokens
+    assert attributes[i].sum() == 3 * args.candidates * args.video_tokens
+
+  accuracy = probe_binding.main(["--steps", "40", "--report_every", "20", "--batch", "8"])
+  rows = _reports(capsys.readouterr().out)
+  assert [r["step"] for r in rows] == [20, 40]
+  assert accuracy == pytest.approx(rows[-1]["accuracy"], abs=5e-4)
+  assert accuracy * 160 == pytest.approx(round(accuracy * 160))  # right answers of 160
+  assert rows[-1]["loss"] < 3.0 < np.log(probe_binding.VOCAB), rows
+
+
+def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path, capsys):
   from ivcr_jax.data import tokenizer as tokenizer_lib
   from ivcr_jax.data import toy_tokenizer
   from scripts import probe_text_retrieval
@@ -78,7 +120,13 @@ def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path):
   assert set(np.asarray(batch["labels"])[np.asarray(batch["is_index"]) > 0].tolist()) <= digits
   accuracy = probe_text_retrieval.main(argv + ["--steps", "2", "--induction", "1",
                                                "--report_every", "1"])
-  assert 0.0 <= accuracy <= 1.0
+  rows = _reports(capsys.readouterr().out)
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  # The last window is one step of 2 rows x 6 index answers.
+  assert accuracy == pytest.approx(rows[-1]["accuracy"], abs=5e-4)
+  assert accuracy * 12 == pytest.approx(round(accuracy * 12))
+  # An untrained model's mean loss per supervised token: about log(vocabulary), not a sum.
+  assert all(abs(r["loss"] - np.log(len(tokenizer))) < 1.5 for r in rows), rows
 
 
 def test_ablation_pairs_the_settings_and_aggregates_over_seeds(tmp_path, monkeypatch):
