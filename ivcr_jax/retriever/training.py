@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -194,40 +195,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
                f"{sum(x.size for x in jax.tree.leaves(params)):,}", len(pairs),
                len(eval_queries), ec.split, len(corpus_videos))
 
-  def loss_fn(p, batch):
-    logits = merge(p).logits(batch["ids"], batch["text_mask"], batch["inputs"],
-                             batch["frame_mask"])
-    same = batch["video"][:, None] == batch["video"][None, :]
-    hit = jnp.take_along_axis(same, jnp.argmax(logits, axis=1)[:, None], axis=1)
-    return contrastive_loss(logits, same), {"t2v_acc": jnp.mean(hit)}
-
-  def train_step(state, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "temperature": jnp.exp(-params["log_scale"]), **aux}
-    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
-
-  train_step = jax.jit(train_step, donate_argnums=(0,))
-  order = functools.lru_cache(maxsize=2)(
-      lambda epoch: np.random.default_rng([config.seed, epoch]).permutation(len(pairs)))
-
-  def batch_at(step: int) -> dict:
-    """The batch of `step`: a pure function of (seed, step), hence exact resumption."""
-    picked, inputs, frame_mask = [], [], []
-    for pos in range(step * tc.batch_size, (step + 1) * tc.batch_size):
-      epoch, j = divmod(pos, len(pairs))
-      q = pairs[int(order(epoch)[j])]
-      x, m = data.bank.batch([q.video], epoch=epoch)
-      picked.append(q)
-      inputs.append(x[0])
-      frame_mask.append(m[0])
-    ids, text_mask = text([q.text for q in picked])
-    return {"ids": ids, "text_mask": text_mask, "inputs": np.stack(inputs),
-            "frame_mask": np.stack(frame_mask),
-            "video": np.array([column[q.video] for q in picked], np.int32)}
-
+  train_step = _train_step(merge, tx)
+  batch_at = _batches(pairs, data.bank, text, column, seed=config.seed,
+                      batch_size=tc.batch_size)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = 0
@@ -289,3 +259,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, store_dir: str,
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   write_json(os.path.join(workdir, "eval", f"{ec.split}.json"), result)
   return result
+
+
+def _train_step(merge: Callable, tx: optax.GradientTransformation) -> Callable:
+  """The jitted contrastive step `(state, batch) -> (state, metrics)`, state donated."""
+
+  def loss_fn(p, batch):
+    logits = merge(p).logits(batch["ids"], batch["text_mask"], batch["inputs"],
+                             batch["frame_mask"])
+    same = batch["video"][:, None] == batch["video"][None, :]
+    hit = jnp.take_along_axis(same, jnp.argmax(logits, axis=1)[:, None], axis=1)
+    return contrastive_loss(logits, same), {"t2v_acc": jnp.mean(hit)}
+
+  def train_step(state, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "temperature": jnp.exp(-params["log_scale"]), **aux}
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def _batches(pairs: Sequence[Query], bank: VideoBank, text: TextEncoder,
+             column: Mapping[str, int], *, seed: int, batch_size: int
+             ) -> Callable[[int], dict]:
+  """`batch_at(step)`: the batch of `step`, a pure function of (seed, step), hence exact
+  resumption (each epoch a fresh permutation of the training pairs)."""
+  order = functools.lru_cache(maxsize=2)(
+      lambda epoch: np.random.default_rng([seed, epoch]).permutation(len(pairs)))
+
+  def batch_at(step: int) -> dict:
+    picked, inputs, frame_mask = [], [], []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+      epoch, j = divmod(pos, len(pairs))
+      q = pairs[int(order(epoch)[j])]
+      x, m = bank.batch([q.video], epoch=epoch)
+      picked.append(q)
+      inputs.append(x[0])
+      frame_mask.append(m[0])
+    ids, text_mask = text([q.text for q in picked])
+    return {"ids": ids, "text_mask": text_mask, "inputs": np.stack(inputs),
+            "frame_mask": np.stack(frame_mask),
+            "video": np.array([column[q.video] for q in picked], np.int32)}
+
+  return batch_at
