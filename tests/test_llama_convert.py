@@ -16,6 +16,7 @@ from configs.interllava import get_config
 from ivcr_jax import sharding
 from ivcr_jax.convert import llama_hf
 from ivcr_jax.convert.sources import DictSource, SafetensorsSource, TorchFileSource
+from ivcr_jax.data.tokenizer import IVCR_TOKENS
 from ivcr_jax.models import llama
 from ivcr_jax.training.checkpointing import CheckpointError
 
@@ -120,7 +121,7 @@ def test_import_safetensors_sharded_and_torch_files(hf_dir, tmp_path):
 
 def test_import_adds_mean_rows_and_initialises_lora_like_construction(hf_dir):
   path, ref = hf_dir
-  n = len(llama.IVCR_TOKENS)
+  n = len(IVCR_TOKENS)
   model = llama_hf.load_hf_llama(path, model_config(path, vocab_size=96 + n), seed=3)
   emb = np.asarray(model.embed_tokens.embedding[...])
   assert emb.shape == (96 + n, 64)
