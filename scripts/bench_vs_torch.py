@@ -7,7 +7,8 @@ the frame position embedding, a 2-layer `InstructBlipQFormerModel` video Q-Forme
 windows, the linear projection, and `LlamaForCausalLM` with a PEFT LoRA, frozen / trainable as
 the official recipe. Its weights are the JAX model's, written by `export.write_export` and read
 back with `from_pretrained`, so both sides start from the same parameters; the batches are the
-pipeline's (`pipeline.assemble` on the toy corpus), the video tokens spliced in at `video_slot`.
+pipeline's (`pipeline.assemble` on the toy corpus, frame tables of the real frames only), the
+video tokens spliced in at `video_slot`.
 
 Both sides run forward + backward + AdamW in float32 on one retrieval turn (10 videos) and one
 moment turn (1 video). The loss is L_M alone (`train.alpha = beta = 0`, the official dynamics;
@@ -27,6 +28,7 @@ float32 2048^3 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -102,6 +104,10 @@ class JaxSide:
     if "moment" in setup["kinds"]:
       one = bt.find_dialogue(train, lambda k: k == [MOMENT], "single moment turn")
       samples["moment"] = records.make_samples([one], "prefix")
+    # Frame tables of exactly the real frames (the trainer pads them to a bucket of videos x T;
+    # the toy videos are shorter than T): neither side encodes padding rows.
+    real = {int(np.sum(bt.batch_of(enc, s)["frame_slot"] >= 0)) for s in samples.values()}
+    enc = runner.encoder(dataclasses.replace(runner.data.layout, frame_buckets=tuple(sorted(real))))
     self.batches = {k: bt.batch_of(enc, s) for k, s in samples.items()}
     phase("batches")
 
