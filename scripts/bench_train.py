@@ -125,12 +125,26 @@ class Runner:
     data = dataclasses.replace(self.data, layout=layout)
     return data.encoder(config, training=True, model=self.model)
 
+  def placed(self) -> tuple[dict, object]:
+    """The train state and frozen weights on the mesh, placed on first use (after the feature
+    store is written: `place` releases the split)."""
+    if self.state is None:
+      self.state, self.frozen = step_lib.place(self.split, self.tx, self.mesh,
+                                               self.config.mesh.rules)
+    return self.state, self.frozen
+
+  def cost(self, batch: dict) -> tuple[float, float]:
+    """(XLA FLOPs, compile seconds) of the step on `batch`'s shapes (compiled here if new)."""
+    return self._compiled(batch)[1:3]
+
+  def step(self, batch: dict) -> float:
+    """Seconds of one step on `batch` (compiled beforehand if new: not in the time)."""
+    return self._run(self._compiled(batch)[0], batch)
+
   def _compiled(self, batch: dict) -> tuple[object, float, float, bool]:
     """(compiled step, its XLA FLOPs, compile seconds, whether it has run) for `batch`'s
     shapes, compiled ahead of its first run."""
-    if self.state is None:  # after the feature store is written: `place` releases the split
-      self.state, self.frozen = step_lib.place(self.split, self.tx, self.mesh,
-                                               self.config.mesh.rules)
+    self.placed()
     key = tuple(sorted((k, np.shape(v), np.asarray(v).dtype.str) for k, v in batch.items()))
     if key not in self.cache:
       rules = self.config.mesh.rules

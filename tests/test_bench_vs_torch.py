@@ -1,0 +1,31 @@
+"""scripts/bench_vs_torch.py at `tiny`: the PyTorch peer built from the export computes our loss
+and trains as many parameters (the same work is timed), and a ratio comes out."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # ~95 s on this shared machine (~75 s of CPU): two processes, two compiles
+def test_bench_vs_torch_tiny_agrees_and_times(tmp_path: pathlib.Path) -> None:
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  run = subprocess.run([sys.executable, "scripts/bench_vs_torch.py", "--preset", "tiny",
+                        "--steps", "1", "--kind", "moment", "--workdir", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  line = next(x for x in run.stdout.splitlines() if x.startswith("result: "))
+  result = json.loads(line.removeprefix("result: "))
+  moment = result["kinds"]["moment"]
+  assert moment["rel_diff"] <= 1e-4
+  assert math.isclose(moment["jax_loss"], moment["torch_loss"], rel_tol=1e-4)
+  assert result["trainable"]["jax"] == result["trainable"]["torch"] > 0
+  assert math.isfinite(moment["ratio"]) and moment["ratio"] > 0
+  assert moment["flops"] > 0 and len(moment["jax_times"]) == len(moment["torch_times"]) == 1
+  assert "| moment |" in run.stdout
