@@ -38,7 +38,6 @@ from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data.batch import Layout
 from ivcr_jax.data.pipeline import SampleEncoder
 from ivcr_jax.evaluation import evaluator, metrics
-from ivcr_jax.evaluation.evaluator import Evaluator
 from ivcr_jax.evaluation.session import ChatSession
 from ivcr_jax.jsonfile import read_json, write_json
 from ivcr_jax.models.interllava import InterLLaVA
@@ -275,8 +274,8 @@ def open_tokenizers(config: ml_collections.ConfigDict, workdir: str) -> tuple[An
 def open_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   """Tokenizers and stores of `config` (`store_dirs`)."""
   d = config.data
-  store_dir, tokenizer_dir = store_dirs(d, config.model.vit.image_size, workdir)
-  tokenizer, qformer_tokenizer = load_tokenizers(d, tokenizer_dir)
+  store_dir, tokenizer_path = store_dirs(d, config.model.vit.image_size, workdir)
+  tokenizer, qformer_tokenizer = load_tokenizers(d, tokenizer_path)
   frame_store = stores.FrameStore(_store_path(store_dir, stores.FRAME_STORE))
   # Checked now, before any model is built: a damaged store stops the run at once.
   stores.open_builder(_store_path(store_dir, stores.DIALOGUE_STORE),
@@ -326,6 +325,16 @@ def build_model(config: ml_collections.ConfigDict, tokenizer, seed: int | None =
 # ------------------------------------------------------------- runs of the entry points
 
 
+def trained_model(config: ml_collections.ConfigDict, tokenizer, workdir: str,
+                  step: int | None = None) -> tuple[InterLLaVA, int]:
+  """The model of a training run: its initial weights (`build_model`) with the trainable
+  parameters of `workdir/checkpoints` (latest, or `step`); returns it and the step."""
+  model = build_model(config, tokenizer)
+  step = checkpointing.restore_trained(model, config.model.trainable,
+                                       os.path.join(workdir, "checkpoints"), step)
+  return model, step
+
+
 def load_official_denominators(config: ml_collections.ConfigDict, store_dir: str, split: str
                                ) -> metrics.Denominators:
   """The official counts from the annotation file the stores were built from (else
@@ -359,9 +368,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, split: str = "t
     if max_dialogues:
       logging.warning("official denominators count every %s turn, but only %d dialogues are "
                       "evaluated: the figures are lower bounds", split, max_dialogues)
-  model = build_model(config, data.tokenizer)
-  step = checkpointing.restore_trained(model, config.model.trainable,
-                                       os.path.join(workdir, "checkpoints"), step)
+  model, step = trained_model(config, data.tokenizer, workdir, step)
   dialogues = data.dialogues(split)
   if max_dialogues:
     dialogues = dialogues[:max_dialogues]
@@ -396,9 +403,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str, *,
   """Builds the model as training did, restores the trained parameters of `workdir` (latest or
   `step`) and writes `out`; returns the step exported."""
   tokenizer, qformer_tokenizer = open_tokenizers(config, workdir)
-  model = build_model(config, tokenizer)
-  step = checkpointing.restore_trained(model, config.model.trainable,
-                                       os.path.join(workdir, "checkpoints"), step)
+  model, step = trained_model(config, tokenizer, workdir, step)
   log(f"restored step {step} from {workdir}/checkpoints")
   export_lib.write_export(model, config, out, tokenizer=tokenizer,
                           qformer_tokenizer=qformer_tokenizer, step=step, log=log)
@@ -411,9 +416,7 @@ def chat_session(config: ml_collections.ConfigDict, workdir: str,
   """The model and retriever of two runs, ready to talk (refuses a retriever of other videos)."""
   use_compilation_cache(config)
   data = open_data(config, workdir)
-  model = build_model(config, data.tokenizer)
-  step = checkpointing.restore_trained(model, config.model.trainable,
-                                       os.path.join(workdir, "checkpoints"), step)
+  model, step = trained_model(config, data.tokenizer, workdir, step)
   rstores, rtokenizer = store_dirs(rconfig.data, rconfig.frame_size, retriever_dir)
   retriever = retriever_training.restore(
       rconfig, retriever_dir, retriever_training.open_stores(rconfig, rstores, rtokenizer))
@@ -426,11 +429,12 @@ def chat_session(config: ml_collections.ConfigDict, workdir: str,
   corpus = ranker.index(retriever.data.bank.videos)
   encoder = data.encoder(config, training=False, model=model,
                          layout=Layout.from_config(config, batch_size=1))
-  evaluator = Evaluator(model, encoder, data.tokenizer, config.generation, batch_size=1,
-                        mesh=sharding.make_mesh(config.mesh), rules=config.mesh.rules)
+  answerer = evaluator.Evaluator(model, encoder, data.tokenizer, config.generation,
+                                 batch_size=1, mesh=sharding.make_mesh(config.mesh),
+                                 rules=config.mesh.rules)
   logging.info("chat: model step %d, retriever step %d over %d videos", step, retriever.step,
                len(corpus.videos))
   report = prepare.read_report(data.store_dir) or {}
-  return ChatSession(evaluator, ranker, corpus, video_root=report.get("video_root") or "",
+  return ChatSession(answerer, ranker, corpus, video_root=report.get("video_root") or "",
                      num_candidates=config.data.num_candidates,
                      max_turns=config.data.max_turns, durations=data.frame_store.durations)

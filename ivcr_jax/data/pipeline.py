@@ -364,8 +364,7 @@ def pad_batch(batch: dict[str, np.ndarray], layout: Layout, *, seq_len: int, vid
   rows = {"V": videos, "F": frames}  # the padded tables' sizes, by their first dimension
   out = {}
   for key, x in batch.items():
-    spec = FIELDS.get(key)
-    dims, fill = (spec.dims.split(), spec.fill) if spec else ([], 0)
+    dims, fill = FIELDS[key].dims.split(), FIELDS[key].fill
     if dims[:2] == ["B", "S"]:
       out[key] = np.pad(x, [(0, 0), (0, seq_len - s)], constant_values=fill)
     elif dims[0] in rows:
