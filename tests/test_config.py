@@ -149,3 +149,28 @@ def test_import_ivcr_jax_pulls_in_neither_torch_nor_tensorflow():
           "ivcr_jax.sharding; print(sorted({'torch', 'tensorflow'} & set(sys.modules)))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
+OTHER = "--xla_cpu_enable_fast_math=false"  # a real flag: XLA stops on unknown ones
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, YNN_OFF),
+    ({"XLA_FLAGS": f"{YNN_OFF}dot {OTHER}"}, f"{YNN_OFF}dot {OTHER}"),
+    ({"XLA_FLAGS": OTHER, "IVCR_JAX_XLA_DEFAULTS": "0"}, OTHER),
+])
+def test_importing_the_package_sets_the_cpu_xla_flags_unless_the_user_did(env, want):
+  """The package turns XLA:CPU's YNNPACK fusions off (README "Speed against PyTorch"), before any
+  backend starts, and reaches the backend: no compiled program then holds a YNN fusion."""
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("XLA_FLAGS", "IVCR_JAX_XLA_DEFAULTS")}
+  code = ("import os, ivcr_jax, jax, jax.numpy as jnp\n"
+          "print(os.environ.get('XLA_FLAGS', ''))\n"
+          "x = jnp.ones((64, 64))\n"
+          "print('ynn' in jax.jit(lambda a: a @ a).lower(x).compile().as_text())\n")
+  out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                       text=True, check=True, cwd=pathlib.Path(__file__).parent.parent)
+  flags_seen, ynn_compiled = out.stdout.split("\n")[:2]
+  assert flags_seen == want
+  assert ynn_compiled == str(want != YNN_OFF)

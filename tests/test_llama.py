@@ -311,3 +311,40 @@ def test_lora_init_and_trainable_selection():
   assert names == {"lora_a", "lora_b"}
   assert len(list(nnx.to_flat_state(train))) == 2 * len(cfg.lora.targets)
   assert all(p[-1] not in names for p, _ in nnx.to_flat_state(frozen))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_masks_are_uniform_independent_and_shard_alike(rate):
+  """`layers.dropout` draws its masks from a counter hash (cheaper than threefry on XLA:CPU): the
+  keep rate, the scaling, independence across keys, sub-keys and neighbouring elements, balanced
+  bits, and the same mask whether the array is on one device or split over eight."""
+  n = 1 << 20
+  x = jnp.full((n // 512, 512), 3.0)
+  key = jax.random.key(7)
+  out = np.asarray(layers.dropout(x, rate, key))
+  keep = out != 0
+  sigma = np.sqrt(rate * (1 - rate) / n)
+  assert abs(keep.mean() - (1 - rate)) < 5 * sigma
+  np.testing.assert_allclose(out[keep], 3.0 / (1 - rate), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layers.dropout(x, rate, key)), out)  # deterministic
+
+  both = (1 - rate) ** 2
+  others = [jax.random.key(8), layers.sub_key(key, 0), layers.sub_key(key, 1)]
+  for other in others:
+    keep2 = np.asarray(layers.dropout(x, rate, other)) != 0
+    assert not np.array_equal(keep, keep2)
+    assert abs((keep & keep2).mean() - both) < 5 * np.sqrt(both * (1 - both) / n)
+  flat = keep.reshape(-1)
+  for lag in (1, 512):  # the next element, the next row
+    assert abs((flat[:-lag] & flat[lag:]).mean() - both) < 5 * np.sqrt(both * (1 - both) / n)
+
+  bits = np.asarray(layers.hashed_bits(key, (n,)))
+  ones = np.unpackbits(bits.view(np.uint8)).reshape(n, 32).mean(0)
+  assert np.all(np.abs(ones - 0.5) < 5 * np.sqrt(0.25 / n)), ones
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  sharded = jax.jit(lambda x: layers.dropout(x, rate, key), in_shardings=split,
+                    out_shardings=split)(jax.device_put(x, split))
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), out)

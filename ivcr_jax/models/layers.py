@@ -34,8 +34,29 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout as in torch; identity when `key` is None or `rate` is 0."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  keep = hashed_bits(key, x.shape) >= jnp.uint32(round(rate * 2**32))
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hashed_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Uniform uint32 per element: a counter hash keyed by two words drawn from `key`.
+
+  Dropout masks only need independent-looking bits, not threefry's cryptographic strength; on
+  XLA:CPU `jax.random.bernoulli` costs ~8x an elementwise pass (100 ms for a [518, 64, 256] mask
+  on the 2-core machine), this 1.3x (16 ms). The counter is the element's flat index, which
+  XLA's partitioner splits like any iota, so every device draws its own part of one mask."""
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  return _mix32(_mix32(index ^ seed[0]) + seed[1])
 
 
 def with_axes(init: Callable, axes: Axes) -> Callable:
