@@ -234,7 +234,8 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, dropout
   repeated). The softmax is normalised after the value matmul, on `[.., Lq, D]` instead of
   `[.., Lq, S]`; without dropout its denominator is that matmul's extra column of ones. The max
   carries no gradient (softmax does not depend on it), so the backward of `exp` needs no mask.
-  Logits, the denominator and the normalisation are float32 whatever the compute dtype.
+  Logits and the normalisation are float32 whatever the compute dtype; the value matmul, and
+  with it the ones-column denominator, accumulates in float32 over weights cast to V's dtype.
   """
   b, lq, h, d = q.shape
   s, kv = k.shape[1], k.shape[2]
