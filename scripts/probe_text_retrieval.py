@@ -86,7 +86,7 @@ class World:
     self.pairs = [frozenset((e.colour, e.shape) for e in s.events) for s in self.specs]
     self.candidates = args.candidates
     self.blocks = [", ".join(f"{e.colour} {e.shape} {e.motion}" for e in s.events)
-                   if args.compact else toy_corpus._describe(s, False) for s in self.specs]
+                   if args.compact else toy_corpus.describe(s, False) for s in self.specs]
 
   def _candidates(self) -> tuple[list[int], list[int]]:
     """Videos (the first is the ground truth of the first query; none contains all its events)
@@ -128,11 +128,11 @@ class World:
     elif any(self.events[videos[i]] <= self.events[v] for v in videos if v != videos[i]):
       return None
     else:
-      d = toy_corpus._describe(spec, False)
+      d = toy_corpus.describe(spec, False)
       question = [f"Find the video where {d}.", f"I am looking for a video in which {d}.",
                   f"Show me the clip where {d} on a {spec.background} background."][
                       int(rng.integers(3))]
-    d = toy_corpus._describe(spec, False)
+    d = toy_corpus.describe(spec, False)
     return question, [
         f"I understand you want to find a video. The video {label} matches your description: "
         f"{d}.",
@@ -174,7 +174,7 @@ class World:
                       "content": ("Candidate videos : " + entries + "." if q == 0 else "")
                       + question},
                      {"role": "assistant", "content": answer}]
-    return prompt._render(messages, "<s>", "</s>")
+    return prompt.render_with_spans(messages, "<s>", "</s>")
 
 
 class Batches:

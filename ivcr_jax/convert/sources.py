@@ -7,6 +7,7 @@ full copies in memory.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 
@@ -166,3 +167,13 @@ def to_numpy(tensor: object) -> np.ndarray:
       tensor = tensor.float()
     return tensor.detach().cpu().numpy()
   return np.asarray(tensor)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """sha256 of a file's bytes, read in 1 MiB chunks (weights shipped or rebuilt are checked
+  against it)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -96,8 +96,8 @@ def chat_messages(turns: Sequence[Turn], frame_times: Sequence[Sequence[float] |
   return messages
 
 
-def _render(messages: Sequence[dict[str, str]], bos: str, eos: str
-            ) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(messages: Sequence[dict[str, str]], bos: str, eos: str
+                      ) -> tuple[str, list[tuple[int, int]]]:
   """The template's string and, per assistant message, its `[start, end)` (" answer </s>")."""
   system = None
   loop = list(messages)
@@ -124,7 +124,7 @@ def _render(messages: Sequence[dict[str, str]], bos: str, eos: str
 
 def render_llama2(messages: Sequence[dict[str, str]], bos: str = "<s>", eos: str = "</s>") -> str:
   """The Llama-2 chat rendering of `messages` (generation prompts end with " [/INST]")."""
-  return _render(messages, bos, eos)[0]
+  return render_with_spans(messages, bos, eos)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +161,9 @@ class EncodedSample:
     return len(self.input_ids) - len(self.videos) + int(sum(tokens_per_video))
 
 
-def _digit_targets(turn: int, role: str, number: NumberText, offset: int,
-                   starts: list[int], offsets: Sequence[tuple[int, int]],
-                   text: str) -> NumberTarget | None:
+def locate_number(turn: int, role: str, number: NumberText, offset: int,
+                  starts: list[int], offsets: Sequence[tuple[int, int]],
+                  text: str) -> NumberTarget | None:
   """Locates each digit of `number` (at `offset` in `text`) on a token of its own, or None."""
   positions, digits, places = [], [], []
   for char, digit, place in number.digits():
@@ -205,7 +205,7 @@ def encode(sample: Sample, tokenizer: PreTrainedTokenizerBase,
     raise ValueError(f"{len(frame_times)} frame-time entries for {len(turns)} turns")
   messages = chat_messages(turns, frame_times, generation=generation,
                            num_candidates=num_candidates)
-  text, answer_spans = _render(messages, tokenizer.bos_token, tokenizer.eos_token)
+  text, answer_spans = render_with_spans(messages, tokenizer.bos_token, tokenizer.eos_token)
   enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
   ids = np.asarray(enc["input_ids"], np.int32)
   offsets = [tuple(o) for o in enc["offset_mapping"]]
@@ -255,7 +255,7 @@ def _supervision(sample: Sample, tokenizer: PreTrainedTokenizerBase, supervised:
       targets = [] if found is None else [("start", found[0]), ("end", found[1])]
     else:
       continue
-    located = [_digit_targets(t, role, n, answer_start, starts, offsets, text)
+    located = [locate_number(t, role, n, answer_start, starts, offsets, text)
                for role, n in targets]
     if not located or any(x is None for x in located):
       failures += 1

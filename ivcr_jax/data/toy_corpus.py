@@ -216,7 +216,7 @@ def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
-def _describe(spec: VideoSpec, zh: bool) -> str:
+def describe(spec: VideoSpec, zh: bool) -> str:
   if zh:
     return "，然后".join(f"{COLOURS_ZH[e.colour]}{SHAPES_ZH[e.shape]}{MOTIONS_ZH[e.motion]}"
                         for e in spec.events)
@@ -224,7 +224,7 @@ def _describe(spec: VideoSpec, zh: bool) -> str:
                         for e in spec.events)
 
 
-class _DialogueMaker:
+class DialogueMaker:
   """Writes dialogues turn by turn; holds the retriever simulation and the text templates."""
 
   def __init__(self, specs: Sequence[VideoSpec], cfg: ToyCorpusConfig):
@@ -267,17 +267,17 @@ class _DialogueMaker:
     self.text_id += 1
     return {"from": "human", "value": text, "text_id": self.text_id}
 
-  def retrieval_turn(self, gt: int, zh: bool) -> tuple[list[dict], list[str], int]:
+  def retrieval_qa(self, gt: int, rank: int, zh: bool) -> tuple[str, str]:
+    """A retrieval question describing video `gt` and its answer naming candidate `rank`."""
     spec = self.specs[gt]
-    candidates, rank = self.retrieve(gt)
-    desc = _describe(spec, zh)
+    desc = describe(spec, zh)
     if zh:
       question = self._pick([f"找到一个视频：{desc}。", f"我想找这样的视频：{desc}。"])
     else:
       question = self._pick([f"Find the video where {desc}.",
                              f"I am looking for a video in which {desc}.",
                              f"Show me the clip where {desc} on a {spec.background} background."])
-    desc_en = _describe(spec, False)
+    desc_en = describe(spec, False)
     answer = self._pick([
         f"I understand you want to find a video. The video {rank} matches your description: "
         f"{desc_en}.",
@@ -285,12 +285,17 @@ class _DialogueMaker:
         f"{desc_en}.",
         f"I see, you want to retrieve a video. The video {rank} shows {desc_en} on a "
         f"{spec.background} background."])
-    gpt = {"from": "gpt", "value": answer, "video_id": spec.path, "candidate_videos": candidates,
-           "gt_se": [-1, -1]}
+    return question, answer
+
+  def retrieval_turn(self, gt: int, zh: bool) -> tuple[list[dict], list[str], int]:
+    candidates, rank = self.retrieve(gt)
+    question, answer = self.retrieval_qa(gt, rank, zh)
+    gpt = {"from": "gpt", "value": answer, "video_id": self.specs[gt].path,
+           "candidate_videos": candidates, "gt_se": [-1, -1]}
     return [self.human(question), gpt], candidates, rank
 
-  def moment_turn(self, gt: int, candidates: list[str], rank: int, event: Event,
-                  zh: bool) -> list[dict]:
+  def moment_qa(self, gt: int, rank: int, event: Event, zh: bool) -> tuple[str, str]:
+    """A question about `event` of video `gt` (candidate `rank`) and its answer with the span."""
     c, s, m = event.colour, event.shape, event.motion
     if zh:
       question = self._pick([f"{COLOURS_ZH[c]}{SHAPES_ZH[s]}什么时候出现？",
@@ -305,8 +310,13 @@ class _DialogueMaker:
         f"I understand you want to locate a moment in the video. In video {rank}, the {c} {s} "
         f"{MOTIONS[m]} during {span}.",
         f"You want to find a specific moment. The {c} {s} is visible in video {rank} at {span}."])
+    return question, answer
+
+  def moment_turn(self, gt: int, candidates: list[str], rank: int, event: Event,
+                  zh: bool) -> list[dict]:
+    question, answer = self.moment_qa(gt, rank, event, zh)
     gpt = {"from": "gpt", "value": answer, "video_id": self.specs[gt].path,
-           "candidate_videos": candidates, "gt_se": [start, end]}
+           "candidate_videos": candidates, "gt_se": list(event.span(self.specs[gt].fps))}
     return [self.human(question), gpt]
 
   def chat_turn(self, gt: int, rank: int, zh: bool) -> list[dict]:
@@ -381,7 +391,7 @@ def split_videos(cfg: ToyCorpusConfig) -> dict[str, list[int]]:
 
 def make_dialogues(specs: Sequence[VideoSpec], cfg: ToyCorpusConfig) -> list[dict]:
   """Annotation records in the IVCR-200K schema for videos `specs`."""
-  maker = _DialogueMaker(specs, cfg)
+  maker = DialogueMaker(specs, cfg)
   records = []
   for split, pool in split_videos(cfg).items():
     for v in pool:

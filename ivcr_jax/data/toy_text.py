@@ -1,0 +1,179 @@
+"""The toy world in words: conversations in the official layouts, each video written as text.
+
+The official recipe starts from a pretrained LLaMA, which already knows how to find, in its
+context, the passage a question is about and to copy what stands next to it. The demo's LLaMA
+has to learn that somewhere; this module writes the text it learns it from
+(`ivcr_jax.pretrain_llm`). Everything comes from the toy corpus's own generator
+(`toy_corpus.DialogueMaker`: its videos, simulated retriever and question/answer templates) on a
+world seed of its own, so no video or dialogue of a demo corpus is seen, and is rendered by the
+one prompt renderer with every `<VIDEOTOKEN>` replaced by the words the video block stands for:
+
+- a retrieval list's block: the background and each event as "colour shape motion", e.g.
+  "navy, red circle up, blue square still" (`video_words`);
+- a moment turn's block: the same with each event's span in the answers' format ("red circle
+  up 2.0s-5.3s"), beside the official frame-times sentence.
+
+An example is one candidate list followed by several retrieval questions (the first about the
+retriever's ground truth, the others about other candidates that their description singles out:
+no other candidate shows all of its events), then moment questions about one of the candidates.
+Dense supervision is what lets a small model find the in-context lookup at all: associative
+recall is learned in thousands of steps when every sequence asks many questions of one context,
+and not in the budget when it asks one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from ivcr_jax.data import prompt, toy_corpus
+from ivcr_jax.data.answers import find_span, find_video_index, format_seconds
+from ivcr_jax.data.frames import sample_indices
+from ivcr_jax.data.tokenizer import VIDEO_PLACEHOLDER
+
+MOTION_WORDS = {"right": "right", "left": "left", "down": "down", "up": "up", "still": "still"}
+
+
+def video_words(spec: toy_corpus.VideoSpec, *, spans: bool = False) -> str:
+  """What a video block says in the text world (with each event's span for moment turns)."""
+  events = []
+  for e in spec.events:
+    words = f"{e.colour} {e.shape} {MOTION_WORDS[e.motion]}"
+    if spans:
+      start, end = e.span(spec.fps)
+      words += f" {format_seconds(start)}s-{format_seconds(end)}s"
+    events.append(words)
+  return ", ".join([spec.background, *events])
+
+
+@dataclasses.dataclass(frozen=True)
+class TextWorldConfig:
+  """What the text world draws. Everything derives from `seed`."""
+
+  seed: int = 987654  # the world's videos; never a demo corpus's toy_seed (those are small ints)
+  num_videos: int = 4000
+  num_candidates: int = 10
+  retrieval_questions: int = 8  # per candidate list
+  # The first question gets the corpus's full answer; the follow-ups the short "The video N.",
+  # so that a row asks many questions of one list (the answers' language is learnt from the
+  # first and from the moment answers).
+  moment_questions: int = 2  # about one candidate, after the retrieval questions
+  frames: int = 8  # frame times written in moment turns (the demo samples 8 frames)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextExample:
+  text: str
+  answer_spans: tuple[tuple[int, int], ...]  # character ranges of " answer </s>"
+  index_chars: tuple[int, ...]  # character of the first digit of each answer's "video N"
+  span_chars: tuple[int, ...]  # characters of the span digits of moment answers
+
+
+class TextWorld:
+  """Draws `TextExample`s. The examples of `(stream, step)` come from their own generator
+  (`[seed, 3, stream, step]`): a batch is a pure function of its step (exact resumption, the
+  same text on every machine), and streams (training, held out) never share a draw."""
+
+  def __init__(self, cfg: TextWorldConfig, stream: int = 0):
+    self.cfg = cfg
+    self.stream = stream
+    corpus = toy_corpus.ToyCorpusConfig(num_videos=cfg.num_videos, seed=cfg.seed,
+                                        num_candidates=cfg.num_candidates, chinese_fraction=0.0)
+    self.specs = toy_corpus.make_video_specs(corpus)
+    self.maker = toy_corpus.DialogueMaker(self.specs, corpus)
+    self.by_path = {s.path: i for i, s in enumerate(self.specs)}
+
+  def examples(self, step: int, count: int) -> list[TextExample]:
+    self.maker.rng = np.random.default_rng([self.cfg.seed, 3, self.stream, step])
+    return [self._example() for _ in range(count)]
+
+  def _frame_times(self, spec: toy_corpus.VideoSpec) -> list[float]:
+    """The times of the frames an evaluation samples (`uniform`)."""
+    return [int(i) / spec.fps for i in sample_indices(spec.num_frames, self.cfg.frames,
+                                                       "uniform")]
+
+  def _example(self) -> TextExample:
+    maker, rng, cfg = self.maker, self.maker.rng, self.cfg
+    gt = int(rng.integers(len(self.specs)))
+    paths, rank = maker.retrieve(gt)
+    videos = [self.by_path[p] for p in paths]
+    content = prompt.candidates_content("", cfg.num_candidates)
+    for v in videos:
+      content = content.replace(VIDEO_PLACEHOLDER, video_words(self.specs[v]), 1)
+    events = maker.event_sets
+    named = [i for i, v in enumerate(videos)
+             if not any(events[v] <= events[w] for j, w in enumerate(videos) if j != i)]
+    asked = [rank - 1] + [named[int(j)] for j in rng.integers(len(named),
+                                                               size=cfg.retrieval_questions - 1)]
+    messages = [{"role": "system", "content": prompt.SYSTEM_PROMPT}]
+    for q, i in enumerate(asked):
+      question, answer = maker.retrieval_qa(videos[i], i + 1, zh=False)
+      if q:
+        answer = f"The video {i + 1}."
+      messages += [{"role": "user", "content": (content if q == 0 else "") + question},
+                   {"role": "assistant", "content": answer}]
+    if cfg.moment_questions:
+      i = int(rng.integers(len(videos)))
+      spec = self.specs[videos[i]]
+      block = prompt.moment_content("", i + 1, self._frame_times(spec)).replace(
+          VIDEO_PLACEHOLDER, video_words(spec, spans=True), 1)
+      for q, e in enumerate(rng.choice(len(spec.events), cfg.moment_questions)):
+        question, answer = maker.moment_qa(videos[i], i + 1, spec.events[int(e)], zh=False)
+        messages += [{"role": "user", "content": (block if q == 0 else "") + question},
+                     {"role": "assistant", "content": answer}]
+    text, spans = prompt.render_with_spans(messages, "<s>", "</s>")
+    index_chars, span_chars = [], []
+    for start, end in spans:
+      answer = text[start + 1:end]
+      found = find_video_index(answer)
+      if found is not None:
+        index_chars.append(start + 1 + found.start)
+      moment = find_span(answer)
+      if moment is not None:
+        span_chars += [start + 1 + c for n in moment for c, _, _ in n.digits()]
+    return TextExample(text, tuple(spans), tuple(index_chars), tuple(span_chars))
+
+
+def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int
+                 ) -> dict[str, np.ndarray]:
+  """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
+  (`position`: the token whose logits predict `label`; `weight` 0 on unused slots; `is_index` /
+  `is_span` mark the first digit of "video N" and the digits of moment spans).
+
+  Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
+  rows with more supervised tokens than `positions` keep the first ones: both are counted in
+  `cut_rows` so that a caller can size them.
+  """
+  enc = tokenizer([e.text for e in examples], add_special_tokens=False,
+                  return_offsets_mapping=True)
+  b = len(examples)
+  out = dict(ids=np.full((b, seq_len), tokenizer.eos_token_id, np.int32),
+             position=np.zeros((b, positions), np.int32),
+             label=np.zeros((b, positions), np.int32),
+             weight=np.zeros((b, positions), np.float32),
+             is_index=np.zeros((b, positions), np.float32),
+             is_span=np.zeros((b, positions), np.float32))
+  cut = 0
+  for row, example in enumerate(examples):
+    tokens = enc["input_ids"][row]
+    starts = [s for s, _ in enc["offset_mapping"][row]]
+    kept = tokens[:seq_len + 1]
+    out["ids"][row, :len(kept) - 1] = kept[:-1]
+    index = {bisect.bisect_right(starts, c) - 1 for c in example.index_chars}
+    span = {bisect.bisect_right(starts, c) - 1 for c in example.span_chars}
+    supervised = [t for lo, hi in example.answer_spans
+                  for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
+                  if 0 < t < len(kept)]
+    cut += len(tokens) > seq_len + 1 or len(supervised) > positions
+    supervised = supervised[:positions]
+    n = len(supervised)
+    out["position"][row, :n] = [t - 1 for t in supervised]
+    out["label"][row, :n] = [tokens[t] for t in supervised]
+    out["weight"][row, :n] = 1.0
+    out["is_index"][row, :n] = [t in index for t in supervised]
+    out["is_span"][row, :n] = [t in span for t in supervised]
+  out["cut_rows"] = np.asarray(cut, np.int32)
+  return out

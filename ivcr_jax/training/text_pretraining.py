@@ -1,0 +1,157 @@
+"""Pretraining the demo's LLaMA on the toy world in words (issue #13; `ivcr_jax.pretrain_llm`).
+
+A plain causal-LM run over `data.toy_text` batches: loss on the answers' tokens only, logits
+computed only at those positions, the train state `{params, opt, step}` donated to one jitted
+step, AdamW with the project's schedule (`training.optimizer`), orbax checkpoints and exact
+resumption (the batch of a step is a pure function of the world seed and the step). Besides the
+loss it logs what the demo needs from this model: `index_acc`, the share of "video N" answers
+whose first digit is predicted (teacher-forced), and `span_acc`, the same over the digits of
+moment spans, both on the training batches and on a held-out stream of the world.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from ivcr_jax.data import toy_text
+from ivcr_jax.models import layers
+from ivcr_jax.models.llama import Llama
+from ivcr_jax.training import optimizer
+from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
+from ivcr_jax.training.history import RunHistory
+
+HELDOUT_STREAM = 1  # the world's stream of held-out examples (training draws from stream 0)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/inf; the message names the last good checkpoint."""
+
+
+def world_config(config: ml_collections.ConfigDict) -> toy_text.TextWorldConfig:
+  return toy_text.TextWorldConfig(**config.world.to_dict())
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
+  m = config.model.copy_and_resolve_references()
+  with m.unlocked():
+    m.llm.vocab_size = vocab_size
+  model = Llama(m, lora=False, rngs=nnx.Rngs(config.seed))
+  if "llm" in tuple(m.get("fan_in_init", ())):
+    layers.fan_in_init(model, jax.random.key(config.seed + 1))
+  return model
+
+
+def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
+            ) -> Callable[[int], dict[str, np.ndarray]]:
+  """`batch_at(step)`: the encoded batch of `step` in `stream`, the same on every call."""
+  world = toy_text.TextWorld(world_config(config), stream)
+  d = config.data
+
+  def batch_at(step: int) -> dict[str, np.ndarray]:
+    examples = world.examples(step, config.train.batch_size)
+    return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions)
+
+  return batch_at
+
+
+def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  hidden = model.hidden_states(batch["ids"])
+  picked = jnp.take_along_axis(hidden, batch["position"][..., None], axis=1)
+  logits = model.logits(picked).astype(jnp.float32)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][..., None], -1)[..., 0]
+  right = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  share = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  loss = share(nll, batch["weight"])
+  return loss, {"loss": loss, "token_acc": share(right, batch["weight"]),
+                "index_acc": share(right, batch["is_index"]),
+                "index_nll": share(nll, batch["is_index"]),
+                "span_acc": share(right, batch["is_span"])}
+
+
+def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items() if k != "cut_rows"}
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tuple[Llama, dict]:
+  """Trains (or resumes) in `workdir`; returns the model and the last held-out measure."""
+  tc = config.train
+  model = build_model(config, len(tokenizer))
+  graphdef, params = nnx.split(model)
+  tx = optimizer.make_optimizer(tc)
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  logging.info("toy LLM: %s parameters", f"{sum(x.size for x in jax.tree.leaves(params)):,}")
+
+  def train_step(state, batch):
+    def loss_fn(p):
+      return _metrics(nnx.merge(graphdef, p), batch)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return {"params": optax.apply_updates(state["params"], updates), "opt": opt,
+            "step": state["step"] + 1}, metrics
+
+  step_fn = jax.jit(train_step, donate_argnums=(0,))
+  measure_fn = jax.jit(lambda p, batch: _metrics(nnx.merge(graphdef, p), batch)[1])
+  batch_at = batches(config, tokenizer)
+  heldout_at = batches(config, tokenizer, HELDOUT_STREAM)
+  heldout = [heldout_at(i) for i in range(config.data.heldout_batches)]
+
+  def measure(params) -> dict[str, float]:
+    rows = [jax.device_get(measure_fn(params, _device_batch(b))) for b in heldout]
+    return {f"heldout_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                      save_every=tc.checkpoint_every)
+  start = 0
+  resumed = ckpt.restore_latest(abstract_like(state))
+  if resumed is not None:
+    state, _, start = resumed
+    logging.info("resumed the toy LLM from step %d", start)
+  end = min(tc.num_steps, tc.stop_after) if tc.stop_after else tc.num_steps
+  history = RunHistory(workdir, start)
+  pending, cut, t0, last = [], 0, time.perf_counter(), {}
+  try:
+    for i in tqdm(range(start, end), initial=start, total=tc.num_steps, desc="toy LLM",
+                  unit="step", dynamic_ncols=True):
+      batch = batch_at(i)
+      cut += int(batch["cut_rows"])
+      state, metrics = step_fn(state, _device_batch(batch))
+      pending.append(metrics)
+      step = i + 1
+      due_eval = step % tc.eval_every == 0 or step == end
+      due_ckpt = step % tc.checkpoint_every == 0 or step == end
+      if step % tc.log_every == 0 or due_eval or due_ckpt:
+        rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        row = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        if not np.isfinite(row["loss"]) or not np.isfinite(row["grad_norm"]):
+          raise NonFiniteLossError(f"toy LLM loss or gradient non-finite before step {step}; "
+                                   f"the last good checkpoint is step {ckpt.latest_step()}")
+        row["lr"] = float(optimizer.learning_rate(tc)(i))
+        row["cut_rows"] = cut / (len(rows) * tc.batch_size)
+        row["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
+        if due_eval:
+          last = measure(state["params"])
+          row.update(last)
+        history.add(step, row)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if due_ckpt:
+          ckpt.save(step, state, force=step == end, meta={"loss": row["loss"]})
+        pending, cut, t0 = [], 0, time.perf_counter()
+  finally:
+    ckpt.close()
+    history.close()
+  if not last:  # resumed at the end: measure what was restored
+    last = measure(state["params"])
+  return nnx.merge(graphdef, state["params"]), {"step": end, **last}

@@ -1,0 +1,71 @@
+"""`python -m ivcr_jax.pretrain_llm`: the toy LLM's pretraining run and its Hugging Face export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs.toy_llm import get_config
+from ivcr_jax.convert.sources import file_sha256
+from ivcr_jax.data import tokenizer as toks
+from ivcr_jax.data import toy_tokenizer
+from ivcr_jax.jsonfile import read_json
+from ivcr_jax.training import text_pretraining
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("t"))))
+
+
+def _config(**train):
+  config = get_config("tiny").unlock()
+  config.train.update(train)
+  return config.lock()
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_and_the_loss_falls(tmp_path, tokenizer):
+  whole, _ = text_pretraining.pretrain(_config(), str(tmp_path / "whole"), tokenizer)
+  first, stopped = text_pretraining.pretrain(_config(stop_after=6), str(tmp_path / "split"),
+                                             tokenizer)
+  assert stopped["step"] == 6
+  resumed, result = text_pretraining.pretrain(_config(), str(tmp_path / "split"), tokenizer)
+  assert result["step"] == 12
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = read_json(str(tmp_path / "split" / "train_history.json"))
+  assert [r["step"] for r in rows] == [4, 6, 8, 12]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~ln(1029) = 6.9
+  assert {"heldout_index_acc", "heldout_span_acc"} <= set(rows[-1])
+
+
+def test_the_export_is_a_llama_that_transformers_scores_as_the_run_did(tmp_path, tokenizer):
+  torch = pytest.importorskip("torch")
+  from transformers import LlamaForCausalLM
+
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "ivcr_jax.pretrain_llm", "--config=configs/toy_llm.py:tiny",
+       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = read_json(str(workdir / "hf" / "pretrain_llm.json"))
+  digest = report["model_safetensors_sha256"]
+  assert json.loads(proc.stdout)["model_safetensors_sha256"] == digest
+  assert file_sha256(str(workdir / "hf" / "model.safetensors")) == digest
+  model = LlamaForCausalLM.from_pretrained(str(workdir / "hf"), torch_dtype=torch.float32).eval()
+  assert model.config.vocab_size == len(tokenizer)
+  batch = text_pretraining.batches(_config(), tokenizer, text_pretraining.HELDOUT_STREAM)(0)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(batch["ids"]).long()).logits.numpy()
+  picked = np.take_along_axis(logits, batch["position"][..., None], 1)
+  logp = picked - np.log(np.exp(picked - picked.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - picked.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, batch["label"][..., None], -1)[..., 0]
+  loss = float((nll * batch["weight"]).sum() / batch["weight"].sum())
+  assert loss == pytest.approx(report["heldout_loss"], rel=1e-4)

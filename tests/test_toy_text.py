@@ -1,0 +1,100 @@
+"""The toy world in words (`data.toy_text`): what the demo's LLaMA is pretrained on (#13)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from ivcr_jax.data import tokenizer as toks
+from ivcr_jax.data import toy_corpus, toy_text, toy_tokenizer
+
+BLOCK = re.compile(r"<VID> (\d+) </VID> <VIDEO> (.*?) </VIDEO>")
+TURN = re.compile(r"\[INST\] (.*?) \[/INST\] (.*?) </s>", re.S)
+EVENT = re.compile(r"an? (\w+) (\w+) (moves from left to right|moves from right to left|"
+                   r"moves down|moves up|stays still)")
+PHRASE_TO_WORD = {v: toy_text.MOTION_WORDS[k] for k, v in toy_corpus.MOTIONS.items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return toks.load_tokenizer(toy_tokenizer.build_toy_tokenizer(str(tmp_path_factory.mktemp("t"))))
+
+
+@pytest.fixture(scope="module")
+def world():
+  return toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400))
+
+
+def _events(words: str) -> set[tuple[str, str, str]]:
+  """A block's events, spans dropped: {(colour, shape, motion word)}."""
+  return {tuple(e.split()[:3]) for e in words.split(", ")[1:]}
+
+
+def test_every_answer_names_the_one_candidate_its_question_describes(world):
+  checked = {"retrieval": 0, "moment": 0}
+  for example in world.examples(step=0, count=20):
+    turns = TURN.findall(example.text)
+    blocks = {int(k): words for k, words in BLOCK.findall(turns[0][0])}
+    assert sorted(blocks) == list(range(1, 11))
+    retrieval = [t for t in turns if "Current video" not in t[0] and "moment" not in t[1]]
+    for question, answer in retrieval:
+      asked = {(c, s, PHRASE_TO_WORD[m]) for c, s, m in EVENT.findall(question)}
+      assert asked
+      holders = [k for k, words in blocks.items() if asked <= _events(words)]
+      assert holders == [int(re.search(r"video (\d+)", answer).group(1))], (question, answer)
+      checked["retrieval"] += 1
+    moments = turns[len(retrieval):]
+    assert len(moments) == world.cfg.moment_questions
+    k, words = BLOCK.search(moments[0][0]).groups()
+    assert words.split(", ")[0] == blocks[int(k)].split(", ")[0]  # the same video's background
+    for question, answer in moments:
+      colour, shape = re.search(r"[Tt]he (\w+) (\w+) (?:moves|stays|is visible)",
+                                answer).groups()
+      assert f"{colour} {shape}" in question
+      span = re.search(r"(\d+\.\d)s-(\d+\.\d)s", answer).groups()
+      event = [e for e in words.split(", ")[1:] if e.startswith(f"{colour} {shape} ")]
+      assert len(event) == 1 and event[0].endswith(f"{span[0]}s-{span[1]}s")
+      assert f"video {k}" in answer
+      checked["moment"] += 1
+  assert checked["retrieval"] == 20 * world.cfg.retrieval_questions
+  assert checked["moment"] == 20 * world.cfg.moment_questions
+
+
+def test_a_batch_is_a_function_of_its_step_and_stream(world):
+  again = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400))
+  first = [e.text for e in world.examples(7, 3)]
+  assert first == [e.text for e in again.examples(7, 3)]
+  assert first != [e.text for e in world.examples(8, 3)]
+  held_out = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400), stream=1)
+  assert not set(first) & {e.text for e in held_out.examples(7, 3)}
+
+
+def test_encoded_rows_supervise_the_answers_and_mark_the_index_and_span_digits(world, tokenizer):
+  examples = world.examples(3, 4)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=1024, positions=400)
+  assert int(batch["cut_rows"]) == 0
+  for row, example in enumerate(examples):
+    ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+    used = batch["weight"][row] > 0
+    position, label = batch["position"][row][used], batch["label"][row][used]
+    np.testing.assert_array_equal(label, np.asarray(ids)[position + 1])
+    np.testing.assert_array_equal(batch["ids"][row][:len(ids) - 1], ids[:-1])
+    answers = "".join(example.text[a:b] for a, b in example.answer_spans)
+    assert tokenizer.decode(label).replace(" ", "") == answers.replace(" ", "")
+    indices = [tokenizer.decode([t]) for t in batch["label"][row][batch["is_index"][row] > 0]]
+    expected = [m.group(1)[0] for a, b in example.answer_spans
+                for m in [re.search(r"video (\d+)", example.text[a:b])]]
+    assert indices == expected
+    spans = "".join(tokenizer.decode([t]) for t in batch["label"][row][batch["is_span"][row] > 0])
+    assert spans == "".join(d for a, b in example.answer_spans
+                            for m in re.finditer(r"(\d+\.\d)s-(\d+\.\d)s", example.text[a:b])
+                            for d in (m.group(1) + m.group(2)).replace(".", ""))
+
+
+def test_rows_that_do_not_fit_are_cut_and_counted(world, tokenizer):
+  examples = world.examples(3, 4)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=200, positions=400)
+  assert int(batch["cut_rows"]) == 4
+  assert batch["position"].max() < 200
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=1024, positions=10)
+  assert int(batch["cut_rows"]) == 4 and batch["weight"].sum() == 40
