@@ -8,9 +8,13 @@ makes one for the toy world (issue #13): the demo preset's LLaMA trained on conv
 official layouts whose videos are written as words (`ivcr_jax.data.toy_text`), until it finds
 the candidate a question describes and copies its index and an event's span. The same command
 resumes from the latest checkpoint in DIR. Outputs in DIR: checkpoints/ (orbax), tensorboard/,
-train_history.json, tokenizer/, and hf/: a `LlamaForCausalLM` directory (config, safetensors,
-tokenizer) with `pretrain_llm.json` (held-out figures, the safetensors' sha256), which
-`--config.weights.llama=DIR/hf` of `configs/interllava.py` loads.
+train_history.json, pretrain_curves.png (index and span accuracy, training and held out),
+tokenizer/, and hf/: a `LlamaForCausalLM` directory (config, safetensors, tokenizer) with
+`pretrain_llm.json` (held-out figures, the safetensors' sha256). The InterLLaVA chain takes it
+as its LLaMA: `python -m ivcr_jax.import_weights --config=configs/interllava.py:demo
+--config.weights.llama=DIR/hf --config.data.tokenizer=DIR/hf --config.weights.eva_vit=
+--config.weights.instructblip= --config.weights.timechat= --config.weights.videollama=
+--out=INIT`.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from ivcr_jax.convert import llama_hf
 from ivcr_jax.convert.sources import file_sha256
 from ivcr_jax.data import tokenizer as tokenizer_lib
 from ivcr_jax.data import toy_tokenizer
-from ivcr_jax.jsonfile import write_json
+from ivcr_jax.evaluation import plots
+from ivcr_jax.jsonfile import read_json, write_json
 from ivcr_jax.training import text_pretraining
+from ivcr_jax.training.history import HISTORY_FILE
 
 _CONFIG = configs.define_config_flag(
     "config", "Config file[:preset]; override fields with --config.a.b=value.",
@@ -34,6 +40,7 @@ _CONFIG = configs.define_config_flag(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, event files, the "
                                "toy tokenizer and the exported model (hf/).")
 REPORT = "pretrain_llm.json"
+CURVES = ("index_acc", "heldout_index_acc", "span_acc", "heldout_span_acc")
 
 
 def main(argv: list[str]) -> None:
@@ -48,6 +55,10 @@ def main(argv: list[str]) -> None:
     tokenizer = tokenizer_lib.load_tokenizer(
         toy_tokenizer.build_toy_tokenizer(os.path.join(workdir, "tokenizer")))
     model, result = text_pretraining.pretrain(config, workdir, tokenizer)
+    plots.learning_curves(
+        read_json(os.path.join(workdir, HISTORY_FILE)), CURVES,
+        os.path.join(workdir, "pretrain_curves.png"),
+        title=f"toy LLM ({config.preset}): teacher-forced accuracy of the answers' numbers")
     if result["step"] < config.train.num_steps:
       print(json.dumps({"stopped_after": result["step"]}))
       return

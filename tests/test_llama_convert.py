@@ -134,6 +134,15 @@ def test_import_adds_mean_rows_and_initialises_lora_like_construction(hf_dir):
     np.testing.assert_array_equal(loaded[p].get_value(), var.get_value(), err_msg=str(p))
 
 
+def test_import_refuses_a_vocabulary_of_another_tokenizer(hf_dir):
+  """Only the IVCR tokens may be added as mean rows: a model vocabulary of another tokenizer
+  (e.g. the config's Llama-2 32005 for a toy checkpoint) is an error, not 31,000 mean rows."""
+  path, _ = hf_dir
+  for vocab_size in (96 + len(IVCR_TOKENS) + 1, 95, 32005):
+    with pytest.raises(CheckpointError, match="only the 5 IVCR tokens"):
+      llama_hf.load_hf_llama(path, model_config(path, vocab_size=vocab_size))
+
+
 def test_import_places_parameters_on_a_mesh(hf_dir):
   path, ref = hf_dir
   mesh = sharding.make_mesh(get_config("tiny").mesh)

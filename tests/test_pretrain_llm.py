@@ -55,6 +55,7 @@ def test_the_export_is_a_llama_that_transformers_scores_as_the_run_did(tmp_path,
        f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = read_json(str(workdir / "hf" / "pretrain_llm.json"))
+  assert (workdir / "pretrain_curves.png").stat().st_size > 10_000
   digest = report["model_safetensors_sha256"]
   assert json.loads(proc.stdout)["model_safetensors_sha256"] == digest
   assert file_sha256(str(workdir / "hf" / "model.safetensors")) == digest

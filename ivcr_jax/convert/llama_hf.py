@@ -31,6 +31,7 @@ from ivcr_jax.convert.mapping import (
   rule,
 )
 from ivcr_jax.convert.sources import TensorSource, directory_source
+from ivcr_jax.data.tokenizer import IVCR_TOKENS
 from ivcr_jax.jsonfile import read_json, write_json
 from ivcr_jax.models.llama import PROJECTIONS, Llama, LoRADense
 
@@ -172,16 +173,20 @@ def load_hf_weights(model: Llama, path: str | os.PathLike, *,
   """Reads an HF `LlamaForCausalLM` directory into `model`'s base weights in place (adapters
   are left alone); e.g. `load_hf_weights(interllava.llm, path)`.
 
-  `config.json` must match the model's dimensions; a smaller checkpoint vocabulary gets mean
-  rows up to the model's (Llama-2's 32000 -> InterLLaVA's 32005).
+  `config.json` must match the model's dimensions; a checkpoint vocabulary smaller by at most
+  the IVCR tokens gets mean rows up to the model's (Llama-2's 32000 -> InterLLaVA's 32005). A
+  larger gap means that the model's vocabulary comes from another tokenizer than the
+  checkpoint's, and is refused instead of padded with thousands of mean rows.
   """
   config = os.path.join(os.fspath(path), "config.json")
   found = llm_config_from_hf(config)
   _check_dims(model.cfg, found, config)
   extra = model.cfg.vocab_size - found["vocab_size"]
-  if extra < 0:
-    raise CheckpointError(f"{config}: vocab_size={found['vocab_size']} but the model config has "
-                          f"llm.vocab_size={model.cfg.vocab_size}")
+  if not 0 <= extra <= len(IVCR_TOKENS):
+    raise CheckpointError(
+        f"{config}: vocab_size={found['vocab_size']} but the model config has "
+        f"llm.vocab_size={model.cfg.vocab_size}; only the {len(IVCR_TOKENS)} IVCR tokens may be "
+        "added as mean rows (is data.tokenizer the checkpoint's tokenizer?)")
   source = directory_source(path)
   if extra:
     source = MeanRowsSource(source, ("model.embed_tokens.weight", "lm_head.weight"), extra)

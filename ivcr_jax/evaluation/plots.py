@@ -1,4 +1,4 @@
-"""PNG plots of an evaluation: per-turn bars and the IoU histogram."""
+"""PNG plots: an evaluation's per-turn bars and IoU histogram, a run's learning curves."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def iou_histogram(ious: Sequence[float], path: str, unparsed: int = 0) -> str:
     title += f"\n{unparsed} unparsable answers, counted as IoU 0"
   ax.set(xlabel="IoU", ylabel="moment turns")
   ax.set_title(title, color="tab:red" if unparsed > len(ious) / 2 else "black")
+  return _save(fig, path)
+
+
+def learning_curves(rows: Sequence[dict], keys: Sequence[str], path: str, *, title: str,
+                    ylabel: str = "accuracy") -> str:
+  """Each of `keys` against the step, over the logged rows (`train_history.json`) that have it;
+  a key no row has is left out of the legend rather than drawn empty."""
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for key in keys:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points, strict=True), label=key, marker="." if len(points) < 30 else None)
+  ax.set(xlabel="step", ylabel=ylabel, title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   return _save(fig, path)
 
 
