@@ -30,15 +30,25 @@ def _events(words: str) -> set[tuple[str, str, str]]:
   return {tuple(e.split()[:3]) for e in words.split(", ")[1:]}
 
 
-def test_every_answer_names_the_one_candidate_its_question_describes(world):
-  checked = {"retrieval": 0, "moment": 0}
+def _asked(question: str) -> set[tuple[str, str, str]]:
+  """The events a retrieval question describes, in the blocks' words."""
+  if question.startswith("Find: "):
+    return {tuple(e.split()) for e in question[len("Find: "):-1].split(", ")}
+  return {(c, s, PHRASE_TO_WORD[m]) for c, s, m in EVENT.findall(question)}
+
+
+@pytest.mark.parametrize("follow_ups", ["official", "words"])
+def test_every_answer_names_the_one_candidate_its_question_describes(follow_ups):
+  world = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups))
+  checked = {"retrieval": 0, "moment": 0, "in_words": 0}
   for example in world.examples(step=0, count=20):
     turns = TURN.findall(example.text)
     blocks = {int(k): words for k, words in BLOCK.findall(turns[0][0])}
     assert sorted(blocks) == list(range(1, 11))
     retrieval = [t for t in turns if "Current video" not in t[0] and "moment" not in t[1]]
     for question, answer in retrieval:
-      asked = {(c, s, PHRASE_TO_WORD[m]) for c, s, m in EVENT.findall(question)}
+      asked = _asked(question)
+      checked["in_words"] += question.startswith("Find: ")
       assert asked
       holders = [k for k, words in blocks.items() if asked <= _events(words)]
       assert holders == [int(re.search(r"video (\d+)", answer).group(1))], (question, answer)
@@ -58,6 +68,8 @@ def test_every_answer_names_the_one_candidate_its_question_describes(world):
       checked["moment"] += 1
   assert checked["retrieval"] == 20 * world.cfg.retrieval_questions
   assert checked["moment"] == 20 * world.cfg.moment_questions
+  follow = 20 * (world.cfg.retrieval_questions - 1)
+  assert checked["in_words"] == (follow if follow_ups == "words" else 0)
 
 
 def test_a_batch_is_a_function_of_its_step_and_stream(world):

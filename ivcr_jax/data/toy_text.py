@@ -34,6 +34,7 @@ from ivcr_jax.data.answers import find_span, find_video_index, format_seconds
 from ivcr_jax.data.frames import sample_indices
 from ivcr_jax.data.tokenizer import VIDEO_PLACEHOLDER
 
+FOLLOW_UPS = ("official", "words")
 MOTION_WORDS = {"right": "right", "left": "left", "down": "down", "up": "up", "still": "still"}
 
 
@@ -57,9 +58,12 @@ class TextWorldConfig:
   num_videos: int = 4000
   num_candidates: int = 10
   retrieval_questions: int = 8  # per candidate list
-  # The first question gets the corpus's full answer; the follow-ups the short "The video N.",
-  # so that a row asks many questions of one list (the answers' language is learnt from the
-  # first and from the moment answers).
+  # The first question is the corpus's, with its full answer; the follow-ups get the short
+  # answer "The video N.", so that a row asks many questions of one list (the answers' language
+  # is learnt from the first and the moment answers). "official": follow-ups are the corpus's
+  # questions; "words": they name the events in the blocks' own words ("Find: red circle up,
+  # blue square still."), a third of the tokens, so more questions fit a row.
+  follow_ups: str = "official"
   moment_questions: int = 2  # about one candidate, after the retrieval questions
   frames: int = 8  # frame times written in moment turns (the demo samples 8 frames)
 
@@ -78,6 +82,8 @@ class TextWorld:
   same text on every machine), and streams (training, held out) never share a draw."""
 
   def __init__(self, cfg: TextWorldConfig, stream: int = 0):
+    if cfg.follow_ups not in FOLLOW_UPS:
+      raise ValueError(f"world.follow_ups must be one of {FOLLOW_UPS}, got {cfg.follow_ups!r}")
     self.cfg = cfg
     self.stream = stream
     corpus = toy_corpus.ToyCorpusConfig(num_videos=cfg.num_videos, seed=cfg.seed,
@@ -113,6 +119,8 @@ class TextWorld:
       question, answer = maker.retrieval_qa(videos[i], i + 1, zh=False)
       if q:
         answer = f"The video {i + 1}."
+        if cfg.follow_ups == "words":
+          question = "Find: " + video_words(self.specs[videos[i]]).split(", ", 1)[1] + "."
       messages += [{"role": "user", "content": (content if q == 0 else "") + question},
                    {"role": "assistant", "content": answer}]
     if cfg.moment_questions:
