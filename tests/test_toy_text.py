@@ -95,7 +95,9 @@ def test_encoded_rows_supervise_the_answers_and_mark_the_index_and_span_digits(w
     assert tokenizer.decode(label).replace(" ", "") == answers.replace(" ", "")
     indices = [tokenizer.decode([t]) for t in batch["label"][row][batch["is_index"][row] > 0]]
     expected = [m.group(1)[0] for a, b in example.answer_spans
-                for m in [re.search(r"video (\d+)", example.text[a:b])]]
+                for m in [re.search(r"video (\d+)", example.text[a:b])]
+                if not re.search(r"\d+\.\ds-", example.text[a:b])]  # retrieval answers only
+    assert len(expected) == world.cfg.retrieval_questions
     assert indices == expected
     spans = "".join(tokenizer.decode([t]) for t in batch["label"][row][batch["is_span"][row] > 0])
     assert spans == "".join(d for a, b in example.answer_spans

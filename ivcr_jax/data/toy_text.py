@@ -72,7 +72,9 @@ class TextWorldConfig:
 class TextExample:
   text: str
   answer_spans: tuple[tuple[int, int], ...]  # character ranges of " answer </s>"
-  index_chars: tuple[int, ...]  # character of the first digit of each answer's "video N"
+  # The first digit of N in each retrieval answer's "video N" (moment answers name the video
+  # of their prompt's "Current video : <VID> k </VID>", a copy that needs no search).
+  index_chars: tuple[int, ...]
   span_chars: tuple[int, ...]  # characters of the span digits of moment answers
 
 
@@ -134,14 +136,12 @@ class TextWorld:
                      {"role": "assistant", "content": answer}]
     text, spans = prompt.render_with_spans(messages, "<s>", "</s>")
     index_chars, span_chars = [], []
-    for start, end in spans:
+    for turn, (start, end) in enumerate(spans):
       answer = text[start + 1:end]
-      found = find_video_index(answer)
-      if found is not None:
-        index_chars.append(start + 1 + found.start)
-      moment = find_span(answer)
-      if moment is not None:
-        span_chars += [start + 1 + c for n in moment for c, _, _ in n.digits()]
+      if turn < len(asked):  # a retrieval answer; a moment answer's index copies its prompt's
+        index_chars.append(start + 1 + find_video_index(answer).start)
+      else:
+        span_chars += [start + 1 + c for n in find_span(answer) for c, _, _ in n.digits()]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(span_chars))
 
 

@@ -4,9 +4,11 @@ A plain causal-LM run over `data.toy_text` batches: loss on the answers' tokens 
 computed only at those positions, the train state `{params, opt, step}` donated to one jitted
 step, AdamW with the project's schedule (`training.optimizer`), orbax checkpoints and exact
 resumption (the batch of a step is a pure function of the world seed and the step). Besides the
-loss it logs what the demo needs from this model: `index_acc`, the share of "video N" answers
-whose first digit is predicted (teacher-forced), and `span_acc`, the same over the digits of
-moment spans, both on the training batches and on a held-out stream of the world.
+loss it logs what the demo needs from this model: `index_acc`, the share of retrieval answers
+whose index's first digit is predicted (teacher-forced; chance is 0.1, and the first question of
+a list, whose answer is the retriever's ground truth, has the rank prior to lean on), and
+`span_acc`, the same over the digits of moment spans, both on the training batches and on a
+held-out stream of the world.
 """
 
 from __future__ import annotations
