@@ -55,10 +55,11 @@ def main(argv: list[str]) -> None:
     tokenizer = tokenizer_lib.load_tokenizer(
         toy_tokenizer.build_toy_tokenizer(os.path.join(workdir, "tokenizer")))
     model, result = text_pretraining.pretrain(config, workdir, tokenizer)
-    plots.learning_curves(
-        read_json(os.path.join(workdir, HISTORY_FILE)), CURVES,
-        os.path.join(workdir, "pretrain_curves.png"),
-        title=f"toy LLM ({config.preset}): teacher-forced accuracy of the answers' numbers")
+    history = os.path.join(workdir, HISTORY_FILE)
+    if os.path.exists(history):  # absent when checkpoints were restored and nothing was logged
+      plots.learning_curves(
+          read_json(history), CURVES, os.path.join(workdir, "pretrain_curves.png"),
+          title=f"toy LLM ({config.preset}): teacher-forced accuracy of the answers' numbers")
     if result["step"] < config.train.num_steps:
       print(json.dumps({"stopped_after": result["step"]}))
       return
