@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,16 +50,24 @@ def test_the_export_is_a_llama_that_transformers_scores_as_the_run_did(tmp_path,
   torch = pytest.importorskip("torch")
   from transformers import LlamaForCausalLM
 
+  def pretrain(workdir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ivcr_jax.pretrain_llm", "--config=configs/toy_llm.py:tiny",
+         f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
   workdir = tmp_path / "run"
-  proc = subprocess.run(
-      [sys.executable, "-m", "ivcr_jax.pretrain_llm", "--config=configs/toy_llm.py:tiny",
-       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = pretrain(workdir)
   report = read_json(str(workdir / "hf" / "pretrain_llm.json"))
   assert (workdir / "pretrain_curves.png").stat().st_size > 10_000
   digest = report["model_safetensors_sha256"]
   assert json.loads(proc.stdout)["model_safetensors_sha256"] == digest
   assert file_sha256(str(workdir / "hf" / "model.safetensors")) == digest
+  # A workdir holding only the finished run's checkpoints (no history) exports the same bytes.
+  shutil.copytree(workdir / "checkpoints", tmp_path / "copy" / "checkpoints")
+  pretrain(tmp_path / "copy")
+  assert file_sha256(str(tmp_path / "copy" / "hf" / "model.safetensors")) == digest
   model = LlamaForCausalLM.from_pretrained(str(workdir / "hf"), torch_dtype=torch.float32).eval()
   assert model.config.vocab_size == len(tokenizer)
   batch = text_pretraining.batches(_config(), tokenizer, text_pretraining.HELDOUT_STREAM)(0)
