@@ -40,7 +40,8 @@ _CONFIG = configs.define_config_flag(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, event files, the "
                                "toy tokenizer and the exported model (hf/).")
 REPORT = "pretrain_llm.json"
-CURVES = ("index_acc", "heldout_index_acc", "span_acc", "heldout_span_acc")
+CURVES = ("index_acc", "heldout_index_acc_first", "heldout_index_acc_follow", "span_acc",
+          "heldout_span_acc")
 
 
 def main(argv: list[str]) -> None:

@@ -43,7 +43,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_the_loss_falls(tmp_p
   rows = read_json(str(tmp_path / "split" / "train_history.json"))
   assert [r["step"] for r in rows] == [4, 6, 8, 12]
   assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~ln(1029) = 6.9
-  assert {"heldout_index_acc", "heldout_span_acc"} <= set(rows[-1])
+  assert {"heldout_index_acc", "heldout_index_acc_first", "heldout_index_acc_follow",
+          "heldout_span_acc"} <= set(rows[-1])
+  assert not any(k.endswith(("/hits", "/count")) for k in rows[-1])
+
+
+def test_group_accuracies_pool_hits_over_the_window_and_skip_absent_groups():
+  rows = [{"loss": 1.0, "index_acc_follow2/hits": 1.0, "index_acc_follow2/count": 4.0,
+           "index_acc_first1/hits": 0.0, "index_acc_first1/count": 0.0},
+          {"loss": 3.0, "index_acc_follow2/hits": 3.0, "index_acc_follow2/count": 4.0,
+           "index_acc_first1/hits": 0.0, "index_acc_first1/count": 0.0}]
+  assert text_pretraining._pool(rows) == {"loss": 2.0, "index_acc_follow2": 0.5}
 
 
 def test_the_export_is_a_llama_that_transformers_scores_as_the_run_did(tmp_path, tokenizer):

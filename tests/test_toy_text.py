@@ -98,6 +98,13 @@ def test_encoded_rows_supervise_the_answers_and_mark_the_index_and_span_digits(w
                 for m in [re.search(r"video (\d+)", example.text[a:b])]
                 if not re.search(r"\d+\.\ds-", example.text[a:b])]  # retrieval answers only
     assert len(expected) == world.cfg.retrieval_questions
+    groups = [toy_text.INDEX_GROUPS[g - 1] for g in batch["index_group"][row] if g]
+    assert groups == list(example.index_groups) and groups[0].startswith("first")
+    assert all(g.startswith("follow") for g in groups[1:])
+    blocks = dict(BLOCK.findall(example.text))
+    named = [re.search(r"video (\d+)", example.text[a:b]).group(1)
+             for a, b in example.answer_spans[:len(groups)]]
+    assert [int(g[-1]) for g in groups] == [len(_events(blocks[k])) for k in named]
     assert indices == expected
     spans = "".join(tokenizer.decode([t]) for t in batch["label"][row][batch["is_span"][row] > 0])
     assert spans == "".join(d for a, b in example.answer_spans

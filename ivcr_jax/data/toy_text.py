@@ -35,6 +35,7 @@ from ivcr_jax.data.frames import sample_indices
 from ivcr_jax.data.tokenizer import VIDEO_PLACEHOLDER
 
 FOLLOW_UPS = ("official", "words")
+INDEX_GROUPS = ("first1", "first2", "first3", "follow1", "follow2", "follow3")
 MOTION_WORDS = {"right": "right", "left": "left", "down": "down", "up": "up", "still": "still"}
 
 
@@ -75,6 +76,11 @@ class TextExample:
   # The first digit of N in each retrieval answer's "video N" (moment answers name the video
   # of their prompt's "Current video : <VID> k </VID>", a copy that needs no search).
   index_chars: tuple[int, ...]
+  # Per retrieval answer, its `INDEX_GROUPS` entry: the list's first question (whose answer is
+  # the retriever's ground truth, with the rank prior to lean on) or a follow-up, and how many
+  # events the named video has (2-3 events: the question is a conjunction the list's
+  # look-alikes share parts of).
+  index_groups: tuple[str, ...]
   span_chars: tuple[int, ...]  # characters of the span digits of moment answers
 
 
@@ -142,14 +148,17 @@ class TextWorld:
         index_chars.append(start + 1 + find_video_index(answer).start)
       else:
         span_chars += [start + 1 + c for n in find_span(answer) for c, _, _ in n.digits()]
-    return TextExample(text, tuple(spans), tuple(index_chars), tuple(span_chars))
+    groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
+              for q, i in enumerate(asked)]
+    return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars))
 
 
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int
                  ) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
   (`position`: the token whose logits predict `label`; `weight` 0 on unused slots; `is_index` /
-  `is_span` mark the first digit of "video N" and the digits of moment spans).
+  `is_span` mark the first digit of "video N" and the digits of moment spans; `index_group` is
+  1 + the `INDEX_GROUPS` entry of an index slot, 0 elsewhere).
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
   rows with more supervised tokens than `positions` keep the first ones: both are counted in
@@ -163,14 +172,16 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              label=np.zeros((b, positions), np.int32),
              weight=np.zeros((b, positions), np.float32),
              is_index=np.zeros((b, positions), np.float32),
-             is_span=np.zeros((b, positions), np.float32))
+             is_span=np.zeros((b, positions), np.float32),
+             index_group=np.zeros((b, positions), np.int32))
   cut = 0
   for row, example in enumerate(examples):
     tokens = enc["input_ids"][row]
     starts = [s for s, _ in enc["offset_mapping"][row]]
     kept = tokens[:seq_len + 1]
     out["ids"][row, :len(kept) - 1] = kept[:-1]
-    index = {bisect.bisect_right(starts, c) - 1 for c in example.index_chars}
+    index = {bisect.bisect_right(starts, c) - 1: 1 + INDEX_GROUPS.index(g)
+             for c, g in zip(example.index_chars, example.index_groups, strict=True)}
     span = {bisect.bisect_right(starts, c) - 1 for c in example.span_chars}
     supervised = [t for lo, hi in example.answer_spans
                   for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
@@ -183,5 +194,6 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     out["weight"][row, :n] = 1.0
     out["is_index"][row, :n] = [t in index for t in supervised]
     out["is_span"][row, :n] = [t in span for t in supervised]
+    out["index_group"][row, :n] = [index.get(t, 0) for t in supervised]
   out["cut_rows"] = np.asarray(cut, np.int32)
   return out

@@ -8,7 +8,9 @@ loss it logs what the demo needs from this model: `index_acc`, the share of retr
 whose index's first digit is predicted (teacher-forced; chance is 0.1, and the first question of
 a list, whose answer is the retriever's ground truth, has the rank prior to lean on), and
 `span_acc`, the same over the digits of moment spans, both on the training batches and on a
-held-out stream of the world.
+held-out stream of the world. `index_acc_first` / `index_acc_follow` split it by question (a
+follow-up has no prior: it measures the matching alone), and `index_acc_follow2` etc. by the
+number of events the named video has.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.history import RunHistory
 
 HELDOUT_STREAM = 1  # the world's stream of held-out examples (training draws from stream 0)
+HITS, COUNT = "/hits", "/count"  # a per-group metric's summands, pooled by `_pool`
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,10 +78,35 @@ def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]
   right = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   share = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
   loss = share(nll, batch["weight"])
-  return loss, {"loss": loss, "token_acc": share(right, batch["weight"]),
-                "index_acc": share(right, batch["is_index"]),
-                "index_nll": share(nll, batch["is_index"]),
-                "span_acc": share(right, batch["is_span"])}
+  metrics = {"loss": loss, "token_acc": share(right, batch["weight"]),
+             "index_acc": share(right, batch["is_index"]),
+             "index_nll": share(nll, batch["is_index"]),
+             "span_acc": share(right, batch["is_span"])}
+  # Per question group, hits and counts (pooled over a window by `_pool`: a group can be
+  # absent from a batch).
+  group = batch["index_group"]
+  for kind in ("first", "follow"):
+    names = [g for g in toy_text.INDEX_GROUPS if g.startswith(kind)]
+    codes = [1 + toy_text.INDEX_GROUPS.index(g) for g in names]
+    for name, member in [(kind, jnp.isin(group, jnp.asarray(codes))),
+                         *[(n, group == c) for n, c in zip(names, codes, strict=True)]]:
+      metrics[f"index_acc_{name}{HITS}"] = jnp.sum(right * member)
+      metrics[f"index_acc_{name}{COUNT}"] = jnp.sum(member).astype(jnp.float32)
+  return loss, metrics
+
+
+def _pool(rows: list[dict[str, float]]) -> dict[str, float]:
+  """The mean of each metric over `rows`; `name/hits` and `name/count` pairs become `name`,
+  their pooled ratio (left out while the window has no such item)."""
+  out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]
+         if not k.endswith((HITS, COUNT))}
+  for key in rows[0]:
+    if key.endswith(HITS):
+      name = key[:-len(HITS)]
+      count = sum(r[name + COUNT] for r in rows)
+      if count:
+        out[name] = sum(r[key] for r in rows) / count
+  return out
 
 
 def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -111,8 +139,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   heldout = [heldout_at(i) for i in range(config.data.heldout_batches)]
 
   def measure(params) -> dict[str, float]:
-    rows = [jax.device_get(measure_fn(params, _device_batch(b))) for b in heldout]
-    return {f"heldout_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    rows = [{k: float(v) for k, v in jax.device_get(measure_fn(params, _device_batch(b))).items()}
+            for b in heldout]
+    return {f"heldout_{k}": v for k, v in _pool(rows).items()}
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
@@ -136,7 +165,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
       due_ckpt = step % tc.checkpoint_every == 0 or step == end
       if step % tc.log_every == 0 or due_eval or due_ckpt:
         rows = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
-        row = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        row = _pool(rows)
         if not np.isfinite(row["loss"]) or not np.isfinite(row["grad_norm"]):
           raise NonFiniteLossError(f"toy LLM loss or gradient non-finite before step {step}; "
                                    f"the last good checkpoint is step {ckpt.latest_step()}")
