@@ -5,8 +5,9 @@
 
 The official recipe starts from a pretrained LLaMA-2; the demo has none to download. This run
 makes one for the toy world (issue #13): the demo preset's LLaMA trained on conversations in the
-official layouts whose videos are written as words (`ivcr_jax.data.toy_text`), until it finds
-the candidate a question describes and copies its index and an event's span. The same command
+official layouts whose videos are written as words (`ivcr_jax.data.toy_text`), to find the
+candidate a question describes and copy its index and an event's span (README "The demo" says
+how far it gets). The same command
 resumes from the latest checkpoint in DIR. Outputs in DIR: checkpoints/ (orbax), tensorboard/,
 train_history.json, pretrain_curves.png (index and span accuracy, training and held out),
 tokenizer/, and hf/: a `LlamaForCausalLM` directory (config, safetensors, tokenizer) with
