@@ -12,7 +12,7 @@ BLOCK = re.compile(r"<VID> (\d+) </VID> <VIDEO> (.*?) </VIDEO>")
 TURN = re.compile(r"\[INST\] (.*?) \[/INST\] (.*?) </s>", re.S)
 EVENT = re.compile(r"an? (\w+) (\w+) (moves from left to right|moves from right to left|"
                    r"moves down|moves up|stays still)")
-PHRASE_TO_WORD = {v: toy_text.MOTION_WORDS[k] for k, v in toy_corpus.MOTIONS.items()}
+PHRASE_TO_WORD = {phrase: word for word, phrase in toy_corpus.MOTIONS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_encoded_rows_supervise_the_answers_and_mark_the_index_and_span_digits(w
     np.testing.assert_array_equal(batch["ids"][row][:len(ids) - 1], ids[:-1])
     answers = "".join(example.text[a:b] for a, b in example.answer_spans)
     assert tokenizer.decode(label).replace(" ", "") == answers.replace(" ", "")
-    indices = [tokenizer.decode([t]) for t in batch["label"][row][batch["is_index"][row] > 0]]
+    indices = [tokenizer.decode([t]) for t in batch["label"][row][batch["index_group"][row] > 0]]
     expected = [m.group(1)[0] for a, b in example.answer_spans
                 for m in [re.search(r"video (\d+)", example.text[a:b])]
                 if not re.search(r"\d+\.\ds-", example.text[a:b])]  # retrieval answers only

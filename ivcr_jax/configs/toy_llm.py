@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = t
   if preset == "tiny":
     c.world.num_videos = 200
-    c.data.update(dict(seq_len=768, positions=320, heldout_batches=1))
+    c.data.heldout_batches = 1
     t.update(dict(num_steps=12, batch_size=2, warmup_steps=2, log_every=4, eval_every=6,
                   checkpoint_every=6))
   return c.lock()

@@ -36,14 +36,13 @@ from ivcr_jax.data.tokenizer import VIDEO_PLACEHOLDER
 
 FOLLOW_UPS = ("official", "words")
 INDEX_GROUPS = ("first1", "first2", "first3", "follow1", "follow2", "follow3")
-MOTION_WORDS = {"right": "right", "left": "left", "down": "down", "up": "up", "still": "still"}
 
 
 def video_words(spec: toy_corpus.VideoSpec, *, spans: bool = False) -> str:
   """What a video block says in the text world (with each event's span for moment turns)."""
   events = []
   for e in spec.events:
-    words = f"{e.colour} {e.shape} {MOTION_WORDS[e.motion]}"
+    words = f"{e.colour} {e.shape} {e.motion}"  # the motion's key is its word: "up", "left"
     if spans:
       start, end = e.span(spec.fps)
       words += f" {format_seconds(start)}s-{format_seconds(end)}s"
@@ -156,9 +155,9 @@ class TextWorld:
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int
                  ) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
-  (`position`: the token whose logits predict `label`; `weight` 0 on unused slots; `is_index` /
-  `is_span` mark the first digit of "video N" and the digits of moment spans; `index_group` is
-  1 + the `INDEX_GROUPS` entry of an index slot, 0 elsewhere).
+  (`position`: the token whose logits predict `label`; `weight` 0 on unused slots;
+  `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first digit, 0
+  elsewhere; `is_span` marks the digits of moment spans).
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
   rows with more supervised tokens than `positions` keep the first ones: both are counted in
@@ -171,7 +170,6 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              position=np.zeros((b, positions), np.int32),
              label=np.zeros((b, positions), np.int32),
              weight=np.zeros((b, positions), np.float32),
-             is_index=np.zeros((b, positions), np.float32),
              is_span=np.zeros((b, positions), np.float32),
              index_group=np.zeros((b, positions), np.int32))
   cut = 0
@@ -192,7 +190,6 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     out["position"][row, :n] = [t - 1 for t in supervised]
     out["label"][row, :n] = [tokens[t] for t in supervised]
     out["weight"][row, :n] = 1.0
-    out["is_index"][row, :n] = [t in index for t in supervised]
     out["is_span"][row, :n] = [t in span for t in supervised]
     out["index_group"][row, :n] = [index.get(t, 0) for t in supervised]
   out["cut_rows"] = np.asarray(cut, np.int32)

@@ -34,13 +34,10 @@ from ivcr_jax.models.llama import Llama
 from ivcr_jax.training import optimizer
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.history import RunHistory
+from ivcr_jax.training.step import NonFiniteLossError
 
 HELDOUT_STREAM = 1  # the world's stream of held-out examples (training draws from stream 0)
 HITS, COUNT = "/hits", "/count"  # a per-group metric's summands, pooled by `_pool`
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient became NaN/inf; the message names the last good checkpoint."""
 
 
 def world_config(config: ml_collections.ConfigDict) -> toy_text.TextWorldConfig:
@@ -78,13 +75,13 @@ def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]
   right = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   share = lambda x, w: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
   loss = share(nll, batch["weight"])
+  group = batch["index_group"]
+  is_index = (group > 0).astype(jnp.float32)
   metrics = {"loss": loss, "token_acc": share(right, batch["weight"]),
-             "index_acc": share(right, batch["is_index"]),
-             "index_nll": share(nll, batch["is_index"]),
+             "index_acc": share(right, is_index), "index_nll": share(nll, is_index),
              "span_acc": share(right, batch["is_span"])}
   # Per question group, hits and counts (pooled over a window by `_pool`: a group can be
   # absent from a batch).
-  group = batch["index_group"]
   for kind in ("first", "follow"):
     names = [g for g in toy_text.INDEX_GROUPS if g.startswith(kind)]
     codes = [1 + toy_text.INDEX_GROUPS.index(g) for g in names]
