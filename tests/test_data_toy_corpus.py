@@ -167,3 +167,34 @@ def test_strictly_official_option_and_cli(tmp_path, capsys):
 def test_config_validation(kwargs):
   with pytest.raises(ValueError):
     toy_corpus.ToyCorpusConfig(**kwargs)
+
+
+def test_retriever_ranks_by_its_stated_score():
+  """The vectorised retriever against the rule written out per video: distractors are the
+  non-covering videos with the highest similarity + noise, ties to the lower index, one noise
+  draw per eligible video in index order (so a corpus's bytes do not depend on the code path)."""
+  cfg = toy_corpus.ToyCorpusConfig(num_videos=80, seed=5, retriever_noise=0.7)
+  specs = toy_corpus.make_video_specs(cfg)
+  maker = toy_corpus.DialogueMaker(specs, cfg)
+  pairs = [{(e.colour, e.shape) for e in s.events} for s in specs]
+  colours = [{e.colour for e in s.events} for s in specs]
+  shapes = [{e.shape for e in s.events} for s in specs]
+  for gt in range(0, 80, 7):
+    rank = 1 + gt % cfg.num_candidates
+    state = maker.rng.bit_generator.state
+    paths, got_rank = maker.retrieve(gt, rank=rank)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    scored = []
+    for v, spec in enumerate(specs):
+      if maker.event_sets[gt] <= maker.event_sets[v]:
+        continue
+      score = (2 * len(pairs[gt] & pairs[v]) + len(colours[gt] & colours[v])
+               + len(shapes[gt] & shapes[v]) + 0.5 * (spec.background == specs[gt].background)
+               + cfg.retriever_noise * rng.normal())
+      scored.append((-score, v))
+    distractors = [v for _, v in sorted(scored)[:cfg.num_candidates - 1]]
+    expected = distractors[:rank - 1] + [gt] + distractors[rank - 1:]
+    assert got_rank == rank
+    assert paths == [specs[v].path for v in expected]
+    assert maker.rng.bit_generator.state == rng.bit_generator.state

@@ -224,6 +224,15 @@ def describe(spec: VideoSpec, zh: bool) -> str:
                         for e in spec.events)
 
 
+def _incidence(sets: Sequence[set | frozenset]) -> np.ndarray:
+  """`[len(sets), kinds]` int matrix: 1 where set i holds kind j (kinds: the sorted union)."""
+  column = {kind: j for j, kind in enumerate(sorted(set().union(*sets)))}
+  out = np.zeros((len(sets), len(column)), np.int64)
+  for i, members in enumerate(sets):
+    out[i, [column[m] for m in members]] = 1
+  return out
+
+
 class DialogueMaker:
   """Writes dialogues turn by turn; holds the retriever simulation and the text templates."""
 
@@ -233,9 +242,13 @@ class DialogueMaker:
     self.rng = np.random.default_rng([cfg.seed, 1])
     self.text_id = 0
     self.event_sets = [frozenset((e.colour, e.shape, e.motion) for e in s.events) for s in specs]
-    self.pair_sets = [frozenset((e.colour, e.shape) for e in s.events) for s in specs]
-    self.colour_sets = [frozenset(e.colour for e in s.events) for s in specs]
-    self.shape_sets = [frozenset(e.shape for e in s.events) for s in specs]
+    # The retriever's features as 0/1 incidence matrices `[videos, kinds]`: one query scores the
+    # whole corpus with a few matrix-vector products.
+    self._events = _incidence(self.event_sets)
+    self._pairs = _incidence([{(e.colour, e.shape) for e in s.events} for s in specs])
+    self._colours = _incidence([{e.colour for e in s.events} for s in specs])
+    self._shapes = _incidence([{e.shape for e in s.events} for s in specs])
+    self._backgrounds = np.array([s.background for s in specs])
     ranks = np.arange(cfg.num_candidates)
     self.rank_p = cfg.rank_decay ** ranks / np.sum(cfg.rank_decay ** ranks)
 
@@ -244,20 +257,16 @@ class DialogueMaker:
 
   def retrieve(self, gt: int, rank: int | None = None) -> tuple[list[str], int]:
     """Simulated retriever top-k for a query describing video `gt`: (paths, 1-based GT rank)."""
-    scores = []
-    for v in range(len(self.specs)):
-      if v == gt or self.event_sets[gt] <= self.event_sets[v]:
-        continue  # the query would describe v too
-      score = (2 * len(self.pair_sets[gt] & self.pair_sets[v])
-               + len(self.colour_sets[gt] & self.colour_sets[v])
-               + len(self.shape_sets[gt] & self.shape_sets[v])
-               + 0.5 * (self.specs[gt].background == self.specs[v].background)
-               + self.cfg.retriever_noise * self.rng.normal())
-      scores.append((-score, v))
+    overlap = lambda m: m @ m[gt]
+    # Videos holding every event of the query (the GT itself included) would match it too.
+    eligible = np.flatnonzero(overlap(self._events) < len(self.event_sets[gt]))
     k = self.cfg.num_candidates
-    if len(scores) < k - 1:
-      raise ValueError(f"only {len(scores)} videos can be distractors of {self.specs[gt].path}")
-    distractors = [v for _, v in sorted(scores)[:k - 1]]
+    if len(eligible) < k - 1:
+      raise ValueError(f"only {len(eligible)} videos can be distractors of {self.specs[gt].path}")
+    score = ((2 * overlap(self._pairs) + overlap(self._colours) + overlap(self._shapes))[eligible]
+             + 0.5 * (self._backgrounds[eligible] == self._backgrounds[gt])
+             + self.cfg.retriever_noise * self.rng.normal(size=len(eligible)))
+    distractors = [int(v) for v in eligible[np.lexsort((eligible, -score))[:k - 1]]]
     if rank is None:
       rank = int(self.rng.choice(k, p=self.rank_p)) + 1
     order = distractors[:rank - 1] + [gt] + distractors[rank - 1:]
