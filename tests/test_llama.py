@@ -217,6 +217,31 @@ def test_attention_implementations_equal_the_reference(kind):
     np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-5)
 
 
+def test_long_causal_attention_runs_in_query_chunks():
+  """Causal self-attention longer than `CAUSAL_QUERY_CHUNK` is computed chunk by chunk over the
+  keys each chunk sees (fewer logits), and equals the reference, forward and gradients."""
+  rng = np.random.default_rng(6)
+  b, length, heads, kv, d = 2, 2 * layers.CAUSAL_QUERY_CHUNK + 44, 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, length, heads, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, length, kv, d)), jnp.float32) for _ in range(2))
+  lengths = np.array([length, 170])
+  valid = np.arange(length)[None] < lengths[:, None]
+  mask = layers.Mask(causal=True, key_valid=jnp.asarray(valid), key_lengths=jnp.asarray(lengths))
+  visible = np.tril(np.ones((length, length), bool))[None] & valid[:, None]
+  want = _reference_attention(*map(np.asarray, (q, k, v)), visible)
+  chunked = jax.jit(lambda *a: layers.attention(*a, mask))
+  whole = jax.jit(lambda *a: layers._xla_attention(*a, mask, 0.0, None))
+  out, vjp = jax.vjp(chunked, q, k, v)
+  np.testing.assert_allclose(np.asarray(out)[valid], want[valid], atol=2e-5)
+  cotangent = jnp.asarray(rng.normal(size=q.shape) * valid[..., None, None], jnp.float32)
+  for a, b_ in zip(vjp(cotangent), jax.vjp(whole, q, k, v)[1](cotangent), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5)
+  logits = lambda fn: sum(int(np.prod(e.outvars[0].aval.shape)) for e in
+                          jax.make_jaxpr(fn)(q, k, v).jaxpr.eqns[0].params["jaxpr"].eqns
+                          if e.primitive.name == "exp")
+  assert logits(chunked) < 0.7 * logits(whole)
+
+
 def test_attention_implementation_choice():
   """`auto` per backend; dropout and KV-cache decoding on xla; cuDNN refuses float32."""
   bf16, f32 = jnp.bfloat16, jnp.float32

@@ -119,3 +119,20 @@ def test_rows_that_do_not_fit_are_cut_and_counted(world, tokenizer):
   assert batch["position"].max() < 200
   batch = toy_text.encode_batch(examples, tokenizer, seq_len=1024, positions=10)
   assert int(batch["cut_rows"]) == 4 and batch["weight"].sum() == 40
+
+
+def test_the_list_length_curriculum():
+  cfg = toy_text.TextWorldConfig(num_videos=400, min_candidates=3, curriculum_steps=70)
+  assert [cfg.candidates_at(s) for s in (0, 9, 10, 69, 70, 1000)] == [3, 3, 4, 9, 10, 10]
+  world = toy_text.TextWorld(cfg)
+  for step, k in [(0, 3), (35, 6), (70, 10)]:
+    for example in world.examples(step, 4):
+      turns = TURN.findall(example.text)
+      assert sorted(int(i) for i, _ in BLOCK.findall(turns[0][0])) == list(range(1, k + 1))
+      named = [int(re.search(r"video (\d+)", a).group(1)) for q, a in turns
+               if "Current video" not in q and "moment" not in a]
+      assert named and max(named) <= k
+  held_out = toy_text.TextWorld(cfg, stream=1)
+  assert len(BLOCK.findall(TURN.findall(held_out.examples(0, 1)[0].text)[0][0])) == 10
+  with pytest.raises(ValueError, match="min_candidates"):
+    toy_text.TextWorldConfig(min_candidates=1)

@@ -249,18 +249,18 @@ class DialogueMaker:
     self._colours = _incidence([{e.colour for e in s.events} for s in specs])
     self._shapes = _incidence([{e.shape for e in s.events} for s in specs])
     self._backgrounds = np.array([s.background for s in specs])
-    ranks = np.arange(cfg.num_candidates)
-    self.rank_p = cfg.rank_decay ** ranks / np.sum(cfg.rank_decay ** ranks)
 
   def _pick(self, options: Sequence[str]) -> str:
     return options[int(self.rng.integers(len(options)))]
 
-  def retrieve(self, gt: int, rank: int | None = None) -> tuple[list[str], int]:
-    """Simulated retriever top-k for a query describing video `gt`: (paths, 1-based GT rank)."""
+  def retrieve(self, gt: int, rank: int | None = None, num_candidates: int | None = None
+               ) -> tuple[list[str], int]:
+    """Simulated retriever top-k for a query describing video `gt`: (paths, 1-based GT rank).
+    `num_candidates` overrides the config's k (the rank prior is then renormalised over k)."""
     overlap = lambda m: m @ m[gt]
     # Videos holding every event of the query (the GT itself included) would match it too.
     eligible = np.flatnonzero(overlap(self._events) < len(self.event_sets[gt]))
-    k = self.cfg.num_candidates
+    k = num_candidates or self.cfg.num_candidates
     if len(eligible) < k - 1:
       raise ValueError(f"only {len(eligible)} videos can be distractors of {self.specs[gt].path}")
     score = ((2 * overlap(self._pairs) + overlap(self._colours) + overlap(self._shapes))[eligible]
@@ -268,7 +268,8 @@ class DialogueMaker:
              + self.cfg.retriever_noise * self.rng.normal(size=len(eligible)))
     distractors = [int(v) for v in eligible[np.lexsort((eligible, -score))[:k - 1]]]
     if rank is None:
-      rank = int(self.rng.choice(k, p=self.rank_p)) + 1
+      decay = self.cfg.rank_decay ** np.arange(k)
+      rank = int(self.rng.choice(k, p=decay / np.sum(decay))) + 1
     order = distractors[:rank - 1] + [gt] + distractors[rank - 1:]
     return [self.specs[v].path for v in order], rank
 

@@ -66,6 +66,25 @@ class TextWorldConfig:
   follow_ups: str = "official"
   moment_questions: int = 2  # about one candidate, after the retrieval questions
   frames: int = 8  # frame times written in moment turns (the demo samples 8 frames)
+  # A curriculum on the list length: training lists grow linearly from `min_candidates` at step
+  # 0 to `num_candidates` at `curriculum_steps` (0: full lists from the start). Held-out
+  # streams always have full lists.
+  min_candidates: int = 0
+  curriculum_steps: int = 0
+
+  def __post_init__(self):
+    if self.min_candidates and not 2 <= self.min_candidates <= self.num_candidates:
+      raise ValueError(f"world.min_candidates {self.min_candidates} must lie in "
+                       f"[2, num_candidates={self.num_candidates}]")
+    if self.follow_ups not in FOLLOW_UPS:
+      raise ValueError(f"world.follow_ups must be one of {FOLLOW_UPS}, got {self.follow_ups!r}")
+
+  def candidates_at(self, step: int) -> int:
+    """The list length of training step `step`."""
+    if not self.min_candidates or step >= self.curriculum_steps:
+      return self.num_candidates
+    grow = (self.num_candidates - self.min_candidates) * step / self.curriculum_steps
+    return self.min_candidates + int(grow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +108,6 @@ class TextWorld:
   same text on every machine), and streams (training, held out) never share a draw."""
 
   def __init__(self, cfg: TextWorldConfig, stream: int = 0):
-    if cfg.follow_ups not in FOLLOW_UPS:
-      raise ValueError(f"world.follow_ups must be one of {FOLLOW_UPS}, got {cfg.follow_ups!r}")
     self.cfg = cfg
     self.stream = stream
     corpus = toy_corpus.ToyCorpusConfig(num_videos=cfg.num_videos, seed=cfg.seed,
@@ -101,19 +118,20 @@ class TextWorld:
 
   def examples(self, step: int, count: int) -> list[TextExample]:
     self.maker.rng = np.random.default_rng([self.cfg.seed, 3, self.stream, step])
-    return [self._example() for _ in range(count)]
+    k = self.cfg.candidates_at(step) if self.stream == 0 else self.cfg.num_candidates
+    return [self._example(k) for _ in range(count)]
 
   def _frame_times(self, spec: toy_corpus.VideoSpec) -> list[float]:
     """The times of the frames an evaluation samples (`uniform`)."""
     return [int(i) / spec.fps for i in sample_indices(spec.num_frames, self.cfg.frames,
                                                        "uniform")]
 
-  def _example(self) -> TextExample:
+  def _example(self, num_candidates: int) -> TextExample:
     maker, rng, cfg = self.maker, self.maker.rng, self.cfg
     gt = int(rng.integers(len(self.specs)))
-    paths, rank = maker.retrieve(gt)
+    paths, rank = maker.retrieve(gt, num_candidates=num_candidates)
     videos = [self.by_path[p] for p in paths]
-    content = prompt.candidates_content("", cfg.num_candidates)
+    content = prompt.candidates_content("", num_candidates)
     for v in videos:
       content = content.replace(VIDEO_PLACEHOLDER, video_words(self.specs[v]), 1)
     events = maker.event_sets
