@@ -40,6 +40,18 @@ def test_fan_in_parts_get_fan_in_std_and_the_rest_keeps_0_02():
   assert float(jnp.std(lm_head)) == pytest.approx(0.02, rel=0.1)
 
 
+def test_a_fan_in_llm_gets_unit_token_embeddings_and_the_vision_keeps_its_tables():
+  """The LLM's token embeddings are redrawn at std 1 with its kernels (else the token's identity
+  is ~2% of the residual stream after one fan-in block); the vision tower's embedding tables
+  keep the official 0.02 either way."""
+  _, model = _model(("vision", "llm"))
+  assert float(jnp.std(model.llm.embed_tokens.embedding[...])) == pytest.approx(1.0, rel=0.1)
+  frame_pos = model.vision.frame_position_embedding.embedding[...]
+  assert float(jnp.std(frame_pos)) == pytest.approx(0.02, rel=0.2)
+  _, official = _model(("vision",))
+  assert float(jnp.std(official.llm.embed_tokens.embedding[...])) == pytest.approx(0.02, rel=0.1)
+
+
 def test_fan_in_lets_the_video_reach_the_video_tokens_at_init():
   # With std 0.02 the post-LN Q-Formers pass almost nothing of the frames through.
   official = _video_share(*_model(()))

@@ -27,6 +27,9 @@ def splice(text_embeds: jax.Array, video_tokens: jax.Array, video_slot: jax.Arra
   return jnp.where(video_slot[..., None] >= 0, gathered, text_embeds)
 
 
+LLM_EMBEDDING_STD = 1.0  # token embeddings of a LLaMA trained from scratch (MaxText's)
+
+
 class InterLLaVA(nnx.Module):
   """`vision` (ViT, Q-Formers, projection) + `llm` (LLaMA with LoRA)."""
 
@@ -37,8 +40,9 @@ class InterLLaVA(nnx.Module):
       raise ValueError(f"model.fan_in_init: unknown parts {sorted(unknown)}; choose vision, llm")
     self.vision = VisionTower(cfg, rngs=rngs)
     self.llm = Llama(cfg, lora=bool(cfg.lora.rank), rngs=rngs)
-    for part in fan_in_parts:
-      layers.fan_in_init(getattr(self, part), rngs.params())
+    for part in fan_in_parts:  # the LLM's token embeddings too (see layers.fan_in_init)
+      layers.fan_in_init(getattr(self, part), rngs.params(),
+                         embedding_std=LLM_EMBEDDING_STD if part == "llm" else None)
 
   def video_embeddings(self, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """`[V, tokens_per_video, llm_hidden]` for the batch's video table, from its packed frame
