@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from ivcr_jax.models import layers
-from ivcr_jax.models.llama import Llama
+from ivcr_jax.models.llama import FAN_IN_EMBEDDING_STD, Llama
 from ivcr_jax.models.vision_tower import VisionTower
 
 
@@ -25,9 +25,6 @@ def splice(text_embeds: jax.Array, video_tokens: jax.Array, video_slot: jax.Arra
   table = video_tokens.reshape(-1, video_tokens.shape[-1]).astype(text_embeds.dtype)
   gathered = jnp.take(table, jnp.maximum(video_slot, 0), axis=0)
   return jnp.where(video_slot[..., None] >= 0, gathered, text_embeds)
-
-
-LLM_EMBEDDING_STD = 1.0  # token embeddings of a LLaMA trained from scratch (MaxText's)
 
 
 class InterLLaVA(nnx.Module):
@@ -42,7 +39,7 @@ class InterLLaVA(nnx.Module):
     self.llm = Llama(cfg, lora=bool(cfg.lora.rank), rngs=rngs)
     for part in fan_in_parts:  # the LLM's token embeddings too (see layers.fan_in_init)
       layers.fan_in_init(getattr(self, part), rngs.params(),
-                         embedding_std=LLM_EMBEDDING_STD if part == "llm" else None)
+                         embedding_std=FAN_IN_EMBEDDING_STD if part == "llm" else None)
 
   def video_embeddings(self, batch: dict, dropout_key: jax.Array | None = None) -> jax.Array:
     """`[V, tokens_per_video, llm_hidden]` for the batch's video table, from its packed frame

@@ -30,6 +30,8 @@ from flax import nnx
 from ivcr_jax import sharding
 from ivcr_jax.models import layers
 
+FAN_IN_EMBEDDING_STD = 1.0  # token embeddings of a LLaMA trained from scratch (MaxText's)
+
 # Projection name -> (parent module, number of input dims of its kernel).
 PROJECTIONS: dict[str, tuple[str, int]] = {
     "q_proj": ("self_attn", 1), "k_proj": ("self_attn", 1), "v_proj": ("self_attn", 1),

@@ -29,8 +29,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from ivcr_jax.data import toy_text
-from ivcr_jax.models import interllava, layers
-from ivcr_jax.models.llama import Llama
+from ivcr_jax.models import layers
+from ivcr_jax.models.llama import FAN_IN_EMBEDDING_STD, Llama
 from ivcr_jax.training import optimizer
 from ivcr_jax.training.checkpointing import Checkpointer, abstract_like
 from ivcr_jax.training.history import RunHistory
@@ -51,7 +51,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
   model = Llama(m, lora=False, rngs=nnx.Rngs(config.seed))
   if "llm" in tuple(m.get("fan_in_init", ())):
     layers.fan_in_init(model, jax.random.key(config.seed + 1),
-                       embedding_std=interllava.LLM_EMBEDDING_STD)
+                       embedding_std=FAN_IN_EMBEDDING_STD)
   return model
 
 
