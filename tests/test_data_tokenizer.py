@@ -46,6 +46,18 @@ def test_digits_are_single_tokens_and_words_carry_metaspace(tok):
   assert "▁video" in pieces
 
 
+def test_punctuation_is_apart_so_a_word_is_one_token_wherever_it_stands(tok):
+  """A block lists "... square left, ... triangle still" and a question asks for "... square
+  left." or "still?": matching them needs "left" to be the same token in every place, as in
+  Llama-2's tokenizer (BPE alone merged "▁left," and "▁still." into tokens of their own)."""
+  for word in ("left", "still", "up", "square", "match"):
+    ids = {tuple(tok(f"a {word}{p} b", add_special_tokens=False).input_ids[1:-1])
+           for p in ("", ",", ".", "?", ":")}
+    assert {i[0] for i in ids} == set(tok(f"a {word}", add_special_tokens=False).input_ids[1:])
+    assert len(ids) == 5 and all(len(i) == (1 if j == 0 else 2)
+                                 for j, i in enumerate(sorted(ids, key=len)))
+
+
 @pytest.mark.parametrize("text", ["The video 3 matches.", "找到一个红色圆形的视频。",
                                   "emoji 😀 and ünïcode", "line\nbreak  double space"])
 def test_round_trip(tok, text):

@@ -100,7 +100,8 @@ def test_export_writes_every_part(run):
   meta = json.loads((run.out / "interllava_config.json").read_text())
   assert meta["step"] == STEP and meta["preset"] == "tiny"
   assert meta["eps"]["ln_vision"] == 1e-5 and meta["eps"]["vit_layer_norm"] == 1e-6
-  assert meta["prompt"]["ivcr_tokens"] == {t: 1024 + i for i, t in
+  base = run.m.llm.vocab_size - len(tokenizer_lib.IVCR_TOKENS)
+  assert meta["prompt"]["ivcr_tokens"] == {t: base + i for i, t in
                                            enumerate(tokenizer_lib.IVCR_TOKENS)}
   assert meta["video"] == {"window": 8, "stride": 8, "max_frame_positions": 16,
                            "attend_qformer_text": True, "num_query_tokens": 8,
@@ -195,7 +196,7 @@ def test_llm_merged_and_peft_equal_the_jax_model(run):
   from peft import PeftModel
   from transformers import AutoTokenizer, LlamaForCausalLM
 
-  ids = np.random.default_rng(0).integers(0, 1029, (2, 23))
+  ids = np.random.default_rng(0).integers(0, run.m.llm.vocab_size, (2, 23))
   want = np.asarray(run.model.llm(jnp.asarray(ids)))
   merged = hf(LlamaForCausalLM, run.out / "llm")
   with torch.no_grad():
@@ -204,7 +205,8 @@ def test_llm_merged_and_peft_equal_the_jax_model(run):
                                      run.out / "llm_lora").eval()
     close(peft(torch.as_tensor(ids)).logits, want)
   tok = AutoTokenizer.from_pretrained(run.out / "llm")
-  assert tok.convert_tokens_to_ids("<VIDEOTOKEN>") == 1028 and tok.pad_token == tok.eos_token
+  assert tok.convert_tokens_to_ids("<VIDEOTOKEN>") == run.m.llm.vocab_size - 1
+  assert tok.pad_token == tok.eos_token
 
 
 def torch_video_tokens(parts, pixels, text_ids, text_mask, window, stride):
@@ -245,7 +247,7 @@ def test_pytorch_assembly_reproduces_interllava_logits(run):
   slot = -np.ones((1, seq), np.int32)
   slot[0, 4:4 + per_video] = np.arange(per_video)
   slot[0, 26:26 + per_video] = per_video + np.arange(per_video)
-  ids = rng.integers(3, 1029, (1, seq)).astype(np.int32)
+  ids = rng.integers(3, m.llm.vocab_size, (1, seq)).astype(np.int32)
   pack = lambda x: np.concatenate([x[i, :n] for i, n in enumerate(num_frames)])
   batch = {"frames": pack(video), "frame_slot": frame_slots(num_frames, v_count, frames),
            "qformer_text_ids": pack(text_ids), "qformer_text_mask": pack(text_mask),

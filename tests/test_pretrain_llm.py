@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs.toy_llm import get_config
 from ivcr_jax.convert.sources import file_sha256
@@ -42,10 +44,33 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_the_loss_falls(tmp_p
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = read_json(str(tmp_path / "split" / "train_history.json"))
   assert [r["step"] for r in rows] == [4, 6, 8, 12]
-  assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~ln(1029) = 6.9
+  assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~ln(906) = 6.8
   assert {"heldout_index_acc", "heldout_index_acc_first", "heldout_index_acc_follow",
           "heldout_span_acc"} <= set(rows[-1])
   assert not any(k.endswith(("/hits", "/count")) for k in rows[-1])
+
+
+def test_the_lookup_probe_adds_its_loss_and_its_gradient_reaches_the_llm(tokenizer):
+  config = _config()
+  graphdef, llm = nnx.split(text_pretraining.build_model(config, len(tokenizer)))
+  params = {"llm": llm, "probe": text_pretraining.init_probe(config)}
+  batch = text_pretraining.batches(config, tokenizer)(0)
+  assert batch["lookup_weight"].sum() > 0
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "cut_rows"}
+
+  def objective(p, weight):
+    return text_pretraining._metrics(nnx.merge(graphdef, p["llm"]), p["probe"], batch, weight)
+
+  (plain, plain_metrics), plain_grads = jax.value_and_grad(objective, has_aux=True)(params, 0.0)
+  (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, 1.0)
+  assert "lookup_loss" not in plain_metrics
+  assert float(plain) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+  assert float(total) == pytest.approx(float(metrics["loss"] + metrics["lookup_loss"]), rel=1e-6)
+  assert 0.3 < float(metrics["lookup_loss"]) < 2.0 and 0 <= float(metrics["lookup_acc"]) <= 1
+  assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(plain_grads["probe"]))
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+           zip(jax.tree.leaves(grads["llm"]), jax.tree.leaves(plain_grads["llm"]), strict=True)]
+  assert max(moved) > 1e-4  # the probe's loss trains the LLaMA, not the probe alone
 
 
 def test_group_accuracies_pool_hits_over_the_window_and_skip_absent_groups():

@@ -110,7 +110,7 @@ def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path, capsys):
   from ivcr_jax.data import toy_tokenizer
   from scripts import probe_text_retrieval
 
-  argv = ["--statements", "6", "--batch", "2", "--seq", "320", "--positions", "64",
+  argv = ["--statements", "6", "--batch", "2", "--seq", "384", "--positions", "64",
           "--tokenizer_dir", str(tmp_path / "tok")]
   args = probe_text_retrieval.parse_args(argv)
   tokenizer = tokenizer_lib.load_tokenizer(toy_tokenizer.build_toy_tokenizer(args.tokenizer_dir))

@@ -112,6 +112,33 @@ def test_encoded_rows_supervise_the_answers_and_mark_the_index_and_span_digits(w
                             for d in (m.group(1) + m.group(2)).replace(".", ""))
 
 
+@pytest.mark.parametrize("follow_ups", ["official", "words"])
+def test_lookups_mark_each_named_event_and_the_candidates_that_show_it(follow_ups, tokenizer):
+  world = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups))
+  examples = world.examples(5, 4)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=1024, positions=400, lookups=64)
+  assert int(batch["cut_rows"]) == 0
+  for row, example in enumerate(examples):
+    turns = TURN.findall(example.text)
+    blocks = {int(k) - 1: _events(words) for k, words in BLOCK.findall(turns[0][0])}
+    questions = [q.rsplit("</VIDEO>", 1)[-1] for q, _ in turns[:world.cfg.retrieval_questions]]
+    in_blocks = [(e, k) for k, words in BLOCK.findall(turns[0][0])
+                 for e in (tuple(w.split()) for w in words.split(", ")[1:])]
+    named = [(e, len(blocks)) for q in questions
+             for e in sorted(_asked(q), key=lambda e: q.index(f"{e[0]} {e[1]}"))]
+    used = int(batch["lookup_weight"][row].sum())
+    assert used == len(in_blocks) + len(named) == len(example.lookups)
+    ids = batch["ids"][row]
+    for slot, (event, seen) in enumerate(in_blocks + named):
+      t = batch["lookup_position"][row, slot]
+      # The token ending the event's phrase ("left" of "... moves from right to left").
+      assert tokenizer.decode(ids[t - 1:t + 1]).split()[-1] == event[2]
+      holders = np.flatnonzero(batch["lookup_target"][row, slot])
+      assert list(holders) == [k for k, shown in blocks.items() if event in shown and k < int(seen)]
+  few = toy_text.encode_batch(examples, tokenizer, seq_len=1024, positions=400, lookups=5)
+  assert int(few["cut_rows"]) == 4 and few["lookup_weight"].sum() == 20
+
+
 def test_rows_that_do_not_fit_are_cut_and_counted(world, tokenizer):
   examples = world.examples(3, 4)
   batch = toy_text.encode_batch(examples, tokenizer, seq_len=200, positions=400)

@@ -18,7 +18,6 @@ from ivcr_jax.data import toy_tokenizer
 from ivcr_jax.training import checkpointing
 from ivcr_jax.training.checkpointing import CheckpointError
 
-LLAMA_VOCAB = 1024  # the toy tokenizer's vocabulary before the 5 IVCR tokens
 TIMECHAT_FRAMES = 96  # TimeChat's frame positions; the official model has 64
 EMPTY = dict(eva_vit="", instructblip="", llama="", timechat="", videollama="", ivcr="")
 
@@ -111,13 +110,18 @@ def chain_config(tokenizer):
   return config, experiment.model_config(config, tokenizer)
 
 
+def base_vocab(m) -> int:
+  """The toy tokenizer's vocabulary before the IVCR tokens: a LLaMA checkpoint's own."""
+  return m.llm.vocab_size - len(tokenizer_lib.IVCR_TOKENS)
+
+
 def llama_dir(path, m, seed=0):
   from transformers import LlamaConfig, LlamaForCausalLM
 
   torch.manual_seed(seed)
   llm = m.llm
   LlamaForCausalLM(LlamaConfig(
-      vocab_size=LLAMA_VOCAB, hidden_size=llm.hidden, intermediate_size=llm.mlp_dim,
+      vocab_size=base_vocab(m), hidden_size=llm.hidden, intermediate_size=llm.mlp_dim,
       num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
       num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, rms_norm_eps=llm.rms_eps,
       max_position_embeddings=llm.max_position)).save_pretrained(path)
@@ -213,8 +217,8 @@ def test_official_chain_order_resize_and_override(files, tokenizer, tmp_path):
 
   hf = load_file(f"{paths['llama']}/model.safetensors")["model.embed_tokens.weight"]
   emb = np.asarray(model.llm.embed_tokens.embedding[...])
-  np.testing.assert_array_equal(emb[:LLAMA_VOCAB], hf)
-  np.testing.assert_allclose(emb[LLAMA_VOCAB:], np.repeat(hf.mean(0, keepdims=True), 5, 0),
+  np.testing.assert_array_equal(emb[:base_vocab(m)], hf)
+  np.testing.assert_allclose(emb[base_vocab(m):], np.repeat(hf.mean(0, keepdims=True), 5, 0),
                              atol=1e-7)
   text = "\n".join(logs)
   assert "initialised 0 parameters" in text

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       seq_len=768,  # tokens per row; longer examples are cut (counted in `cut_rows`)
       positions=320,  # supervised tokens per row
+      lookups=96,  # events in the blocks and the questions of a row, for the lookup probe
       heldout_batches=4))  # batches of the world's held-out stream measured at each eval
   t = ml_collections.ConfigDict()
   t.num_steps = 6000
@@ -52,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.weight_decay = 0.01
   t.b1, t.b2, t.eps = 0.9, 0.98, 1e-8
   t.grad_clip = 1.0
+  # Weight of the lookup probe's loss (`text_pretraining.init_probe`): at the end of each event
+  # phrase, which candidates written so far show it; 0 trains the answers alone.
+  t.lookup_weight = 0.0
   t.log_every = 50
   t.eval_every = 500
   t.checkpoint_every = 500

@@ -100,6 +100,11 @@ class TextExample:
   # look-alikes share parts of).
   index_groups: tuple[str, ...]
   span_chars: tuple[int, ...]  # characters of the span digits of moment answers
+  # Per event of a candidate block and per event a retrieval question names: the last character
+  # of its phrase ("cyan square right" / "... moves from left to right") and the 0-based
+  # candidates, among those written before it, that show that event (a block's own index
+  # included): what a lookup at that token can know.
+  lookups: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 class TextWorld:
@@ -165,21 +170,40 @@ class TextWorld:
         index_chars.append(start + 1 + find_video_index(answer).start)
       else:
         span_chars += [start + 1 + c for n in find_span(answer) for c, _, _ in n.digits()]
+    lookups, start = [], 0
+    for j, v in enumerate(videos):  # in the blocks: which candidates up to this one show it
+      for e in self.specs[v].events:
+        phrase = f"{e.colour} {e.shape} {e.motion}"
+        start = text.index(phrase, start) + len(phrase)
+        key = (e.colour, e.shape, e.motion)
+        lookups.append((start - 1, tuple(i for i in range(j + 1) if key in events[videos[i]])))
+    for q, i in enumerate(asked):
+      start = spans[q - 1][1] if q else 0  # the question follows the previous answer
+      in_words = q and cfg.follow_ups == "words"
+      for e in self.specs[videos[i]].events:
+        phrase = f"{e.colour} {e.shape} {e.motion if in_words else toy_corpus.MOTIONS[e.motion]}"
+        start = text.index(phrase, start) + len(phrase)
+        key = (e.colour, e.shape, e.motion)
+        lookups.append((start - 1, tuple(j for j, v in enumerate(videos) if key in events[v])))
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
-    return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars))
+    return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
+                       tuple(lookups))
 
 
-def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int
-                 ) -> dict[str, np.ndarray]:
+def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int,
+                 lookups: int = 0, num_candidates: int = 10) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
   (`position`: the token whose logits predict `label`; `weight` 0 on unused slots;
   `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first digit, 0
-  elsewhere; `is_span` marks the digits of moment spans).
+  elsewhere; `is_span` marks the digits of moment spans), and `lookups` slots of the events in
+  the blocks and in the questions (`TextExample.lookups`; `lookup_position`: the token ending the
+  event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each candidate written
+  before it that shows the event; `lookup_weight`).
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
-  rows with more supervised tokens than `positions` keep the first ones: both are counted in
-  `cut_rows` so that a caller can size them.
+  rows with more supervised tokens than `positions` (or events than `lookups`, when it is not
+  0) keep the first ones: all are counted in `cut_rows` so that a caller can size them.
   """
   enc = tokenizer([e.text for e in examples], add_special_tokens=False,
                   return_offsets_mapping=True)
@@ -190,6 +214,9 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              weight=np.zeros((b, positions), np.float32),
              is_span=np.zeros((b, positions), np.float32),
              index_group=np.zeros((b, positions), np.int32))
+  out.update(lookup_position=np.zeros((b, lookups), np.int32),
+             lookup_target=np.zeros((b, lookups, num_candidates), np.float32),
+             lookup_weight=np.zeros((b, lookups), np.float32))
   cut = 0
   for row, example in enumerate(examples):
     tokens = enc["input_ids"][row]
@@ -202,7 +229,10 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     supervised = [t for lo, hi in example.answer_spans
                   for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
                   if 0 < t < len(kept)]
-    cut += len(tokens) > seq_len + 1 or len(supervised) > positions
+    found = [(t, holders) for c, holders in example.lookups
+             if (t := bisect.bisect_right(starts, c) - 1) < len(kept) - 1]
+    cut += (len(tokens) > seq_len + 1 or len(supervised) > positions
+            or 0 < lookups < len(found))
     supervised = supervised[:positions]
     n = len(supervised)
     out["position"][row, :n] = [t - 1 for t in supervised]
@@ -210,5 +240,9 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     out["weight"][row, :n] = 1.0
     out["is_span"][row, :n] = [t in span for t in supervised]
     out["index_group"][row, :n] = [index.get(t, 0) for t in supervised]
+    for slot, (t, holders) in enumerate(found[:lookups]):
+      out["lookup_position"][row, slot] = t
+      out["lookup_target"][row, slot, list(holders)] = 1.0
+      out["lookup_weight"][row, slot] = 1.0
   out["cut_rows"] = np.asarray(cut, np.int32)
   return out

@@ -2,7 +2,8 @@
 
 Nothing may be downloaded, so the demo and tests train their own tokenizers: `build_toy_tokenizer`
 makes a LLaMA-style one (BPE with byte fallback, digits one per token, newlines apart, Metaspace
-"▁", `<unk>`=0, `<s>`=1, `</s>`=2, bytes at 3-258 like Llama-2's layout), and
+"▁", punctuation apart from words as in Llama-2's "▁still" "," where BPE alone merges "▁still,",
+`<unk>`=0, `<s>`=1, `</s>`=2, bytes at 3-258 like Llama-2's layout), and
 `build_toy_bert_tokenizer` a BERT-style WordPiece one for the Q-Former text without quirk B1. Both
 are saved with `save_pretrained`, so `tokenizer.load_tokenizer` (`AutoTokenizer`) loads them like
 any other. Apart from `tokenizer` because learning from rendered prompts needs `prompt`, which
@@ -21,7 +22,7 @@ from ivcr_jax.data import prompt, records, toy_corpus
 from ivcr_jax.data.tokenizer import IVCR_TOKENS
 from ivcr_jax.jsonfile import read_json, write_json
 
-_TOY_FORMAT = 2  # bump when the toy tokenizers' recipe changes, to invalidate cached builds
+_TOY_FORMAT = 3  # bump when the toy tokenizers' recipe changes, to invalidate cached builds
 _MARKER = "ivcr_toy_tokenizer.json"  # the recipe a directory was built with
 
 
@@ -75,6 +76,7 @@ def build_toy_tokenizer(directory: str, *, vocab_size: int = 1024, seed: int = 0
   pre = pre_tokenizers.Sequence([
       pre_tokenizers.Split("\n", behavior="isolated"),
       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+      pre_tokenizers.Punctuation(behavior="isolated"),
       pre_tokenizers.Digits(individual_digits=True)])
   draft = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
   draft.pre_tokenizer = pre

@@ -11,6 +11,15 @@ a list, whose answer is the retriever's ground truth, has the rank prior to lean
 held-out stream of the world. `index_acc_first` / `index_acc_follow` split it by question (a
 follow-up has no prior: it measures the matching alone), and `index_acc_follow2` etc. by the
 number of events the named video has.
+
+A question naming two or three events is answered by the candidate that shows all of them, and
+its look-alikes share all but one: a lookup of the whole question at once cannot tell them apart
+unless each event's words are bound together first. With `train.lookup_weight` > 0, a linear
+probe (`init_probe`; training only, not exported) reads the last hidden state at the end of each
+event phrase, in the blocks and in the questions, and is trained to say which of the candidates
+written so far show that event: the LLaMA is taught the two hops the answer is built from (which
+block a token stands in, and where else its event appears; `lookup_acc`: the share of events
+whose candidate set the probe gets exactly right).
 """
 
 from __future__ import annotations
@@ -63,12 +72,24 @@ def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
 
   def batch_at(step: int) -> dict[str, np.ndarray]:
     examples = world.examples(step, config.train.batch_size)
-    return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions)
+    return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions,
+                                 lookups=d.lookups, num_candidates=config.world.num_candidates)
 
   return batch_at
 
 
-def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+def init_probe(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """The lookup probe: a linear map from the LLM's last hidden state at the end of an event's
+  phrase to one logit per candidate ("this candidate shows the event"). Training only: it is
+  not part of the LLaMA and is not exported."""
+  hidden, k = config.model.llm.hidden, config.world.num_candidates
+  kernel = jax.random.normal(jax.random.key(config.seed + 2), (hidden, k)) / np.sqrt(hidden)
+  return {"kernel": kernel, "bias": jnp.zeros((k,))}
+
+
+def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weight: float
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The objective (the answers' cross-entropy + `lookup_weight` x the probe's) and metrics."""
   hidden = model.hidden_states(batch["ids"])
   picked = jnp.take_along_axis(hidden, batch["position"][..., None], axis=1)
   logits = model.logits(picked).astype(jnp.float32)
@@ -81,6 +102,16 @@ def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]
   metrics = {"loss": loss, "token_acc": share(right, batch["weight"]),
              "index_acc": share(right, is_index), "index_nll": share(nll, is_index),
              "span_acc": share(right, batch["is_span"])}
+  objective = loss
+  if lookup_weight:  # the probe's figures mean nothing while it is not trained
+    at_events = jnp.take_along_axis(hidden, batch["lookup_position"][..., None], axis=1)
+    shows = at_events.astype(jnp.float32) @ probe["kernel"] + probe["bias"]
+    target = batch["lookup_target"]
+    metrics["lookup_loss"] = share(optax.sigmoid_binary_cross_entropy(shows, target).mean(-1),
+                                   batch["lookup_weight"])
+    exact = jnp.all((shows > 0) == (target > 0.5), axis=-1).astype(jnp.float32)
+    metrics["lookup_acc"] = share(exact, batch["lookup_weight"])
+    objective = loss + lookup_weight * metrics["lookup_loss"]
   # Per question group, hits and counts (pooled over a window by `_pool`: a group can be
   # absent from a batch).
   for kind in ("first", "follow"):
@@ -90,7 +121,7 @@ def _metrics(model: Llama, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]
                          *[(n, group == c) for n, c in zip(names, codes, strict=True)]]:
       metrics[f"index_acc_{name}{HITS}"] = jnp.sum(right * member)
       metrics[f"index_acc_{name}{COUNT}"] = jnp.sum(member).astype(jnp.float32)
-  return loss, metrics
+  return objective, metrics
 
 
 def _pool(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -115,23 +146,24 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   """Trains (or resumes) in `workdir`; returns the model and the last held-out measure."""
   tc = config.train
   model = build_model(config, len(tokenizer))
-  graphdef, params = nnx.split(model)
+  graphdef, llm = nnx.split(model)
+  params = {"llm": llm, "probe": init_probe(config)}
   tx = optimizer.make_optimizer(tc)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  logging.info("toy LLM: %s parameters", f"{sum(x.size for x in jax.tree.leaves(params)):,}")
+  logging.info("toy LLM: %s parameters", f"{sum(x.size for x in jax.tree.leaves(llm)):,}")
+
+  def objective(p, batch):
+    return _metrics(nnx.merge(graphdef, p["llm"]), p["probe"], batch, tc.lookup_weight)
 
   def train_step(state, batch):
-    def loss_fn(p):
-      return _metrics(nnx.merge(graphdef, p), batch)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     return {"params": optax.apply_updates(state["params"], updates), "opt": opt,
             "step": state["step"] + 1}, metrics
 
   step_fn = jax.jit(train_step, donate_argnums=(0,))
-  measure_fn = jax.jit(lambda p, batch: _metrics(nnx.merge(graphdef, p), batch)[1])
+  measure_fn = jax.jit(lambda p, batch: objective(p, batch)[1])
   batch_at = batches(config, tokenizer)
   heldout_at = batches(config, tokenizer, HELDOUT_STREAM)
   heldout = [heldout_at(i) for i in range(config.data.heldout_batches)]
@@ -183,4 +215,4 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
     history.close()
   if not last:  # resumed at the end: measure what was restored
     last = measure(state["params"])
-  return nnx.merge(graphdef, state["params"]), {"step": end, **last}
+  return nnx.merge(graphdef, state["params"]["llm"]), {"step": end, **last}
