@@ -67,6 +67,9 @@ def test_the_lookup_probe_adds_its_loss_and_its_gradient_reaches_the_llm(tokeniz
   assert float(plain) == pytest.approx(float(metrics["loss"]), rel=1e-6)
   assert float(total) == pytest.approx(float(metrics["loss"] + metrics["lookup_loss"]), rel=1e-6)
   assert 0.3 < float(metrics["lookup_loss"]) < 2.0 and 0 <= float(metrics["lookup_acc"]) <= 1
+  count = lambda kind: float(metrics[f"lookup_acc_{kind}/count"])
+  assert count("block") > 0 and count("question") > 0
+  assert count("block") + count("question") == float(batch["lookup_weight"].sum())
   assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(plain_grads["probe"]))
   moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
            zip(jax.tree.leaves(grads["llm"]), jax.tree.leaves(plain_grads["llm"]), strict=True)]

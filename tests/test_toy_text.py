@@ -128,6 +128,9 @@ def test_lookups_mark_each_named_event_and_the_candidates_that_show_it(follow_up
              for e in sorted(_asked(q), key=lambda e: q.index(f"{e[0]} {e[1]}"))]
     used = int(batch["lookup_weight"][row].sum())
     assert used == len(in_blocks) + len(named) == len(example.lookups)
+    assert example.block_lookups == len(in_blocks)
+    np.testing.assert_array_equal(batch["lookup_in_question"][row][:used],
+                                  [0] * len(in_blocks) + [1] * len(named))
     ids = batch["ids"][row]
     for slot, (event, seen) in enumerate(in_blocks + named):
       t = batch["lookup_position"][row, slot]

@@ -105,6 +105,7 @@ class TextExample:
   # candidates, among those written before it, that show that event (a block's own index
   # included): what a lookup at that token can know.
   lookups: tuple[tuple[int, tuple[int, ...]], ...] = ()
+  block_lookups: int = 0  # how many of `lookups` (the first ones) are in the blocks
 
 
 class TextWorld:
@@ -177,6 +178,7 @@ class TextWorld:
         start = text.index(phrase, start) + len(phrase)
         key = (e.colour, e.shape, e.motion)
         lookups.append((start - 1, tuple(i for i in range(j + 1) if key in events[videos[i]])))
+    in_blocks = len(lookups)
     for q, i in enumerate(asked):
       start = spans[q - 1][1] if q else 0  # the question follows the previous answer
       in_words = q and cfg.follow_ups == "words"
@@ -188,7 +190,7 @@ class TextWorld:
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
-                       tuple(lookups))
+                       tuple(lookups), in_blocks)
 
 
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int,
@@ -199,7 +201,7 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
   elsewhere; `is_span` marks the digits of moment spans), and `lookups` slots of the events in
   the blocks and in the questions (`TextExample.lookups`; `lookup_position`: the token ending the
   event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each candidate written
-  before it that shows the event; `lookup_weight`).
+  before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for a question's).
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
   rows with more supervised tokens than `positions` (or events than `lookups`, when it is not
@@ -216,7 +218,8 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              index_group=np.zeros((b, positions), np.int32))
   out.update(lookup_position=np.zeros((b, lookups), np.int32),
              lookup_target=np.zeros((b, lookups, num_candidates), np.float32),
-             lookup_weight=np.zeros((b, lookups), np.float32))
+             lookup_weight=np.zeros((b, lookups), np.float32),
+             lookup_in_question=np.zeros((b, lookups), np.float32))
   cut = 0
   for row, example in enumerate(examples):
     tokens = enc["input_ids"][row]
@@ -244,5 +247,6 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
       out["lookup_position"][row, slot] = t
       out["lookup_target"][row, slot, list(holders)] = 1.0
       out["lookup_weight"][row, slot] = 1.0
+      out["lookup_in_question"][row, slot] = slot >= example.block_lookups
   out["cut_rows"] = np.asarray(cut, np.int32)
   return out

@@ -19,7 +19,8 @@ probe (`init_probe`; training only, not exported) reads the last hidden state at
 event phrase, in the blocks and in the questions, and is trained to say which of the candidates
 written so far show that event: the LLaMA is taught the two hops the answer is built from (which
 block a token stands in, and where else its event appears; `lookup_acc`: the share of events
-whose candidate set the probe gets exactly right).
+whose candidate set the probe gets exactly right, `lookup_acc_block` / `lookup_acc_question` by
+where the event is written).
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weig
                                    batch["lookup_weight"])
     exact = jnp.all((shows > 0) == (target > 0.5), axis=-1).astype(jnp.float32)
     metrics["lookup_acc"] = share(exact, batch["lookup_weight"])
+    asked = batch["lookup_in_question"]
+    for name, member in (("block", batch["lookup_weight"] * (1 - asked)), ("question", asked)):
+      metrics[f"lookup_acc_{name}{HITS}"] = jnp.sum(exact * member)
+      metrics[f"lookup_acc_{name}{COUNT}"] = jnp.sum(member)
     objective = loss + lookup_weight * metrics["lookup_loss"]
   # Per question group, hits and counts (pooled over a window by `_pool`: a group can be
   # absent from a batch).
