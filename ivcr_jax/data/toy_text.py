@@ -171,22 +171,24 @@ class TextWorld:
         index_chars.append(start + 1 + find_video_index(answer).start)
       else:
         span_chars += [start + 1 + c for n in find_span(answer) for c, _, _ in n.digits()]
-    lookups, start = [], 0
-    for j, v in enumerate(videos):  # in the blocks: which candidates up to this one show it
-      for e in self.specs[v].events:
-        phrase = f"{e.colour} {e.shape} {e.motion}"
+    lookups = []
+
+    def look_up(video: int, start: int, seen: int, motion_words: dict[str, str] | None) -> None:
+      """Appends each event of `video` as written from `start` on (the motion as its key, or
+      as `motion_words` says it), with the first `seen` candidates that show it."""
+      for e in self.specs[video].events:
+        phrase = f"{e.colour} {e.shape} {motion_words[e.motion] if motion_words else e.motion}"
         start = text.index(phrase, start) + len(phrase)
         key = (e.colour, e.shape, e.motion)
-        lookups.append((start - 1, tuple(i for i in range(j + 1) if key in events[videos[i]])))
+        lookups.append((start - 1, tuple(j for j in range(seen) if key in events[videos[j]])))
+
+    for j, v in enumerate(videos):  # the blocks, in order: candidates up to this one
+      look_up(v, lookups[-1][0] if lookups else 0, j + 1, None)
     in_blocks = len(lookups)
-    for q, i in enumerate(asked):
-      start = spans[q - 1][1] if q else 0  # the question follows the previous answer
+    for q, i in enumerate(asked):  # each question follows the previous answer
       in_words = q and cfg.follow_ups == "words"
-      for e in self.specs[videos[i]].events:
-        phrase = f"{e.colour} {e.shape} {e.motion if in_words else toy_corpus.MOTIONS[e.motion]}"
-        start = text.index(phrase, start) + len(phrase)
-        key = (e.colour, e.shape, e.motion)
-        lookups.append((start - 1, tuple(j for j, v in enumerate(videos) if key in events[v])))
+      look_up(videos[i], spans[q - 1][1] if q else 0, len(videos),
+              None if in_words else toy_corpus.MOTIONS)
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
