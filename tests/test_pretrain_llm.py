@@ -76,6 +76,24 @@ def test_the_lookup_probe_adds_its_loss_and_its_gradient_reaches_the_llm(tokeniz
   assert max(moved) > 1e-4  # the probe's loss trains the LLaMA, not the probe alone
 
 
+def test_the_question_loss_adds_the_questions_tokens_to_the_objective(tokenizer):
+  config = _config(question_weight=0.5)
+  model = text_pretraining.build_model(config, len(tokenizer))
+  probe = text_pretraining.init_probe(config)
+  batch = text_pretraining.batches(config, tokenizer)(0)
+  plain = text_pretraining.batches(_config(), tokenizer)(0)
+  assert batch["is_question"].sum() > 0 and not plain["is_question"].any()
+  np.testing.assert_array_equal(batch["weight"], plain["weight"])  # the same answer slots
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "cut_rows"}
+  total, metrics = text_pretraining._metrics(model, probe, batch, 0.0, 0.5)
+  assert float(total) == pytest.approx(
+      float(metrics["loss"] + 0.5 * metrics["question_loss"]), rel=1e-6)
+  assert 5.0 < float(metrics["question_loss"]) < 9.0  # untrained: about ln(vocab) = 6.8
+  _, answers_only = text_pretraining._metrics(model, probe, batch, 0.0, 0.0)
+  assert "question_loss" not in answers_only
+  assert float(answers_only["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+
+
 def test_group_accuracies_pool_hits_over_the_window_and_skip_absent_groups():
   rows = [{"loss": 1.0, "index_acc_follow2/hits": 1.0, "index_acc_follow2/count": 4.0,
            "index_acc_first1/hits": 0.0, "index_acc_first1/count": 0.0},

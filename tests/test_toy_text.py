@@ -166,3 +166,27 @@ def test_the_list_length_curriculum():
   assert len(BLOCK.findall(TURN.findall(held_out.examples(0, 1)[0].text)[0][0])) == 10
   with pytest.raises(ValueError, match="min_candidates"):
     toy_text.TextWorldConfig(min_candidates=1)
+
+
+@pytest.mark.parametrize("follow_ups", ["official", "words"])
+def test_question_slots_hold_each_questions_tokens_after_the_answers(follow_ups, tokenizer):
+  world = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups))
+  examples = world.examples(7, 3)
+  plain = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800, questions=True)
+  assert int(batch["cut_rows"]) == 0 and not plain["is_question"].any()
+  for row, example in enumerate(examples):
+    turns = TURN.findall(example.text)
+    # Each question is its turn's text after the candidate list or the moment block.
+    asked = [re.split(r"</VIDEO>[.,]?|seconds\.", q)[-1].strip() for q, _ in turns]
+    assert [example.text[a:b] for a, b in example.question_spans] == asked
+    answers = int(plain["weight"][row].sum())
+    for key in ("position", "label", "weight", "index_group", "is_span"):  # answers untouched
+      np.testing.assert_array_equal(batch[key][row][:answers], plain[key][row][:answers])
+    is_question = batch["is_question"][row]
+    assert not is_question[:answers].any() and not batch["weight"][row][answers:].any()
+    positions = batch["position"][row][is_question > 0]
+    labels = batch["label"][row][is_question > 0]
+    np.testing.assert_array_equal(batch["ids"][row][positions + 1], labels)  # the next token
+    # The slots spell the questions, one after the other, and nothing else.
+    assert tokenizer.decode(labels).replace(" ", "") == "".join(asked).replace(" ", "")

@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Weight of the lookup probe's loss (`text_pretraining.init_probe`): at the end of each event
   # phrase, which candidates written so far show it; 0 trains the answers alone.
   t.lookup_weight = 0.0
+  # Weight of the cross-entropy on the user's questions' tokens (`toy_text.TextExample.
+  # question_spans`; they take the `data.positions` slots after the answers'); 0 trains the
+  # answers alone.
+  t.question_weight = 0.0
   t.log_every = 50
   t.eval_every = 500
   t.checkpoint_every = 500

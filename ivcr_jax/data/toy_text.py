@@ -106,6 +106,10 @@ class TextExample:
   # included): what a lookup at that token can know.
   lookups: tuple[tuple[int, tuple[int, ...]], ...] = ()
   block_lookups: int = 0  # how many of `lookups` (the first ones) are in the blocks
+  # Character ranges of the user's questions (each turn's question, without the candidate list
+  # or moment block before it). Predicting a question's words is a lookup of its own: after
+  # "Find: cyan square" the next word is the motion of the listed cyan square.
+  question_spans: tuple[tuple[int, int], ...] = ()
 
 
 class TextWorld:
@@ -146,12 +150,14 @@ class TextWorld:
     asked = [rank - 1] + [named[int(j)] for j in rng.integers(len(named),
                                                                size=cfg.retrieval_questions - 1)]
     messages = [{"role": "system", "content": prompt.SYSTEM_PROMPT}]
+    questions = []
     for q, i in enumerate(asked):
       question, answer = maker.retrieval_qa(videos[i], i + 1, zh=False)
       if q:
         answer = f"The video {i + 1}."
         if cfg.follow_ups == "words":
           question = "Find: " + video_words(self.specs[videos[i]]).split(", ", 1)[1] + "."
+      questions.append(question)
       messages += [{"role": "user", "content": (content if q == 0 else "") + question},
                    {"role": "assistant", "content": answer}]
     if cfg.moment_questions:
@@ -161,9 +167,14 @@ class TextWorld:
           VIDEO_PLACEHOLDER, video_words(spec, spans=True), 1)
       for q, e in enumerate(rng.choice(len(spec.events), cfg.moment_questions)):
         question, answer = maker.moment_qa(videos[i], i + 1, spec.events[int(e)], zh=False)
+        questions.append(question)
         messages += [{"role": "user", "content": (block if q == 0 else "") + question},
                      {"role": "assistant", "content": answer}]
     text, spans = prompt.render_with_spans(messages, "<s>", "</s>")
+    question_spans = []
+    for question, (start, _) in zip(questions, spans, strict=True):  # "... question [/INST]"
+      end = start - len(" [/INST]")
+      question_spans.append((end - len(question.strip()), end))
     index_chars, span_chars = [], []
     for turn, (start, end) in enumerate(spans):
       answer = text[start + 1:end]
@@ -192,15 +203,18 @@ class TextWorld:
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
-                       tuple(lookups), in_blocks)
+                       tuple(lookups), in_blocks, tuple(question_spans))
 
 
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int,
-                 lookups: int = 0, num_candidates: int = 10) -> dict[str, np.ndarray]:
+                 lookups: int = 0, num_candidates: int = 10, questions: bool = False
+                 ) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
-  (`position`: the token whose logits predict `label`; `weight` 0 on unused slots;
-  `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first digit, 0
-  elsewhere; `is_span` marks the digits of moment spans), and `lookups` slots of the events in
+  (`position`: the token whose logits predict `label`; `weight` 1 on the answers' tokens, 0
+  elsewhere; `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first
+  digit, 0 elsewhere; `is_span` marks the digits of moment spans; with `questions`, the slots
+  after the answers' hold the questions' tokens, marked by `is_question`), and `lookups` slots
+  of the events in
   the blocks and in the questions (`TextExample.lookups`; `lookup_position`: the token ending the
   event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each candidate written
   before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for a question's).
@@ -217,7 +231,8 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              label=np.zeros((b, positions), np.int32),
              weight=np.zeros((b, positions), np.float32),
              is_span=np.zeros((b, positions), np.float32),
-             index_group=np.zeros((b, positions), np.int32))
+             index_group=np.zeros((b, positions), np.int32),
+             is_question=np.zeros((b, positions), np.float32))
   out.update(lookup_position=np.zeros((b, lookups), np.int32),
              lookup_target=np.zeros((b, lookups, num_candidates), np.float32),
              lookup_weight=np.zeros((b, lookups), np.float32),
@@ -231,9 +246,15 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     index = {bisect.bisect_right(starts, c) - 1: 1 + INDEX_GROUPS.index(g)
              for c, g in zip(example.index_chars, example.index_groups, strict=True)}
     span = {bisect.bisect_right(starts, c) - 1 for c in example.span_chars}
-    supervised = [t for lo, hi in example.answer_spans
-                  for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
-                  if 0 < t < len(kept)]
+    answered = [t for lo, hi in example.answer_spans
+                for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
+                if 0 < t < len(kept)]
+    supervised = list(answered)
+    if questions:  # every token overlapping a question ("▁I" starts at the space before "I")
+      ends = [e for _, e in enc["offset_mapping"][row]]
+      supervised += [t for lo, hi in example.question_spans
+                     for t in range(bisect.bisect_right(ends, lo), bisect.bisect_left(starts, hi))
+                     if 0 < t < len(kept)]
     found = [(t, holders) for c, holders in example.lookups
              if (t := bisect.bisect_right(starts, c) - 1) < len(kept) - 1]
     cut += (len(tokens) > seq_len + 1 or len(supervised) > positions
@@ -242,7 +263,8 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
     n = len(supervised)
     out["position"][row, :n] = [t - 1 for t in supervised]
     out["label"][row, :n] = [tokens[t] for t in supervised]
-    out["weight"][row, :n] = 1.0
+    out["weight"][row, :min(n, len(answered))] = 1.0
+    out["is_question"][row, len(answered):n] = 1.0
     out["is_span"][row, :n] = [t in span for t in supervised]
     out["index_group"][row, :n] = [index.get(t, 0) for t in supervised]
     for slot, (t, holders) in enumerate(found[:lookups]):

@@ -74,7 +74,8 @@ def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
   def batch_at(step: int) -> dict[str, np.ndarray]:
     examples = world.examples(step, config.train.batch_size)
     return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions,
-                                 lookups=d.lookups, num_candidates=config.world.num_candidates)
+                                 lookups=d.lookups, num_candidates=config.world.num_candidates,
+                                 questions=config.train.question_weight > 0)
 
   return batch_at
 
@@ -88,9 +89,10 @@ def init_probe(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   return {"kernel": kernel, "bias": jnp.zeros((k,))}
 
 
-def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weight: float
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The objective (the answers' cross-entropy + `lookup_weight` x the probe's) and metrics."""
+def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weight: float,
+             question_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The objective (the answers' cross-entropy + `question_weight` x the questions' +
+  `lookup_weight` x the probe's) and metrics."""
   hidden = model.hidden_states(batch["ids"])
   picked = jnp.take_along_axis(hidden, batch["position"][..., None], axis=1)
   logits = model.logits(picked).astype(jnp.float32)
@@ -104,6 +106,10 @@ def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weig
              "index_acc": share(right, is_index), "index_nll": share(nll, is_index),
              "span_acc": share(right, batch["is_span"])}
   objective = loss
+  if question_weight:
+    metrics["question_loss"] = share(nll, batch["is_question"])
+    metrics["question_acc"] = share(right, batch["is_question"])
+    objective += question_weight * metrics["question_loss"]
   if lookup_weight:  # the probe's figures mean nothing while it is not trained
     at_events = jnp.take_along_axis(hidden, batch["lookup_position"][..., None], axis=1)
     shows = at_events.astype(jnp.float32) @ probe["kernel"] + probe["bias"]
@@ -116,7 +122,7 @@ def _metrics(model: Llama, probe: dict[str, jax.Array], batch: dict, lookup_weig
     for name, member in (("block", batch["lookup_weight"] * (1 - asked)), ("question", asked)):
       metrics[f"lookup_acc_{name}{HITS}"] = jnp.sum(exact * member)
       metrics[f"lookup_acc_{name}{COUNT}"] = jnp.sum(member)
-    objective = loss + lookup_weight * metrics["lookup_loss"]
+    objective += lookup_weight * metrics["lookup_loss"]
   # Per question group, hits and counts (pooled over a window by `_pool`: a group can be
   # absent from a batch).
   for kind in ("first", "follow"):
@@ -158,7 +164,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   logging.info("toy LLM: %s parameters", f"{sum(x.size for x in jax.tree.leaves(llm)):,}")
 
   def objective(p, batch):
-    return _metrics(nnx.merge(graphdef, p["llm"]), p["probe"], batch, tc.lookup_weight)
+    return _metrics(nnx.merge(graphdef, p["llm"]), p["probe"], batch, tc.lookup_weight,
+                    tc.question_weight)
 
   def train_step(state, batch):
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
