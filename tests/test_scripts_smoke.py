@@ -10,7 +10,7 @@ import pytest
 
 from ivcr_jax import experiment
 from ivcr_jax.data import records
-from scripts import bench_gpu_step, bench_train, plan_7b, probe_binding
+from scripts import bench_gpu_step, bench_train, plan_7b, probe_binding, probe_lookup
 
 
 def _no_dropout(cfg):
@@ -103,6 +103,32 @@ def test_probe_binding_examples_and_training(capsys):
   assert accuracy == pytest.approx(rows[-1]["accuracy"], abs=5e-4)
   assert accuracy * 160 == pytest.approx(round(accuracy * 160))  # right answers of 160
   assert rows[-1]["loss"] < 3.0 < np.log(probe_binding.VOCAB), rows
+
+
+def test_probe_lookup_asks_about_the_listed_events_and_trains(capsys):
+  """Each question's index is the block holding its event, look-alike lists share all but one
+  attribute with an earlier event, and a short run learns the answer's format (its loss falls
+  from ~log(vocab) towards log(10))."""
+  argv = ["--attrs", "8,3,5", "--lookalike", "1", "--blocks", "6", "--questions", "5"]
+  args = probe_lookup.parse_args(argv)
+  lists = probe_lookup.Lists(args, seed=0)
+  batch = {k: np.asarray(v) for k, v in lists(3).items()}
+  pl = probe_lookup
+  for ids, answer, question in zip(batch["ids"], batch["answer"], batch["question"], strict=True):
+    blocks = {int(ids[i + 1]): tuple(ids[i + 3:i + 6]) for i in np.flatnonzero(ids == pl.VID)}
+    assert sorted(blocks) == [pl.INDEX + k for k in range(6)]
+    events = list(blocks.values())
+    assert all(min(sum(x != y for x, y in zip(e, f, strict=True)) for f in events[:k]) == 1
+               for k, e in enumerate(events) if k)  # each a look-alike of an earlier one
+    asked = np.flatnonzero(answer)
+    assert len(asked) == 5 and np.flatnonzero(question).size == 10  # 2 attributes predicted
+    for t in asked:
+      assert blocks[int(ids[t + 1])] == tuple(ids[t - 2:t + 1])
+  probe_lookup.main([*argv, "--steps", "30", "--report_every", "15", "--batch", "8",
+                     "--depth", "2"])
+  rows = _reports(capsys.readouterr().out)
+  assert [r["step"] for r in rows] == [15, 30]
+  assert rows[-1]["loss"] < 3.0 < np.log(lists.vocab), rows
 
 
 def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path, capsys):

@@ -1,0 +1,157 @@
+"""How fast does the toy LLM learn the reverse lookup a candidate list needs, and what speeds it up?
+
+A token-level model of the text world's retrieval question (issue #13): `--blocks` candidate
+blocks in the official layout, `<VID> k </VID> [<VIDEO>] event </VIDEO>`, then `--questions`
+questions `FIND event k`, each about one block. An event is one token from an alphabet of
+`--alphabet`, or with `--attrs 8,3,5` one token per attribute ("colour shape motion", the text
+world's 120 combinations), distinct within a list; `--lookalike P` draws each distractor, with
+probability P, from an earlier one with one attribute changed. The answer k is predicted at the
+question's last event token: the model has to match the question's event to a block's and read
+the index written before it.
+
+`--question_loss` adds the cross-entropy of the question's own attribute tokens (each predicted
+from the ones before it: after "FIND red circle" the motion is the listed red circle's), the
+lever `train.question_weight` puts in the text world. The model, initialisation (fan-in kernels,
+std-1 embeddings), AdamW and schedule are the text pretraining's (`configs/toy_llm.py`, 4 layers,
+4 KV heads). It prints the accuracy of k on the training batches and on fresh lists per window.
+
+    python -m scripts.probe_lookup                                  # one token per block
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5    # conjunctions of three
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_loss
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs.toy_llm import get_config
+from ivcr_jax.training import optimizer, text_pretraining
+
+# Token ids of the probe's own vocabulary: markers, then the indices, then the events' tokens.
+BOS, VID, END_VID, VIDEO, END_VIDEO, FIND = range(6)
+INDEX = 8  # block k (0-based) is written INDEX + k
+EVENT = 40  # alphabet token a is EVENT + a
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--alphabet", type=int, default=38, help="event tokens (without --attrs)")
+  p.add_argument("--attrs", default="", help="values per attribute, e.g. 8,3,5")
+  p.add_argument("--lookalike", type=float, default=0.0)
+  p.add_argument("--video_marker", action="store_true", help="write <VIDEO> before the event")
+  p.add_argument("--question_loss", action="store_true")
+  p.add_argument("--blocks", type=int, default=10)
+  p.add_argument("--questions", type=int, default=16)
+  p.add_argument("--depth", type=int, default=4)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=700)
+  p.add_argument("--schedule_steps", type=int, default=0, help="cosine length (0: --steps)")
+  p.add_argument("--report_every", type=int, default=50)
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+class Lists:
+  """Candidate lists and their questions, as fixed-length rows of token ids."""
+
+  def __init__(self, args: argparse.Namespace, seed: int):
+    self.args = args
+    self.sizes = [int(n) for n in args.attrs.split(",")] if args.attrs else [args.alphabet]
+    self.offsets = np.cumsum([0, *self.sizes])[:-1]
+    self.vocab = EVENT + sum(self.sizes)
+    width = len(self.sizes)
+    self.length = (1 + args.blocks * (4 + args.video_marker + width)
+                   + args.questions * (2 + width))
+    self.rng = np.random.default_rng(seed)
+
+  def events(self) -> list[tuple[int, ...]]:
+    """`blocks` distinct events; look-alikes copy an earlier one and change one attribute."""
+    out: list[tuple[int, ...]] = []
+    while len(out) < self.args.blocks:
+      if out and self.rng.random() < self.args.lookalike:
+        event = list(out[self.rng.integers(len(out))])
+        j = self.rng.integers(len(self.sizes))
+        event[j] = int(self.offsets[j] + self.rng.integers(self.sizes[j]))
+      else:
+        event = [int(o + self.rng.integers(n))
+                 for o, n in zip(self.offsets, self.sizes, strict=True)]
+      if tuple(event) not in out:
+        out.append(tuple(event))
+    return out
+
+  def __call__(self, batch: int) -> dict[str, jax.Array]:
+    """`ids`, and per position `answer` (1 where the next token is an answer's index) and
+    `question` (1 where it is a question's next attribute)."""
+    a = self.args
+    ids = np.zeros((batch, self.length), np.int32)
+    answer = np.zeros((batch, self.length), np.float32)
+    question = np.zeros((batch, self.length), np.float32)
+    for row in range(batch):
+      events = self.events()
+      seq = [BOS]
+      for k, event in enumerate(events):
+        seq += [VID, INDEX + k, END_VID, *[VIDEO] * a.video_marker]
+        seq += [EVENT + t for t in event] + [END_VIDEO]
+      for k in self.rng.integers(a.blocks, size=a.questions):
+        first = len(seq) + 1
+        seq += [FIND, *[EVENT + t for t in events[k]], INDEX + k]
+        answer[row, len(seq) - 2] = 1.0
+        question[row, first:len(seq) - 2] = 1.0
+      ids[row] = seq
+    return {"ids": jnp.asarray(ids), "answer": jnp.asarray(answer),
+            "question": jnp.asarray(question)}
+
+
+def main(argv: list[str] | None = None) -> float:
+  """Trains and prints the accuracy per window; returns the last window's held-out accuracy."""
+  args = parse_args(argv)
+  print(vars(args), flush=True)
+  train_lists, heldout_lists = Lists(args, args.seed), Lists(args, args.seed + 1)
+  config = get_config("demo").unlock()
+  config.seed = args.seed
+  config.model.llm.update(dict(depth=args.depth, heads=args.heads, kv_heads=args.heads,
+                               head_dim=config.model.llm.hidden // args.heads))
+  config.train.update(dict(lr=args.lr, num_steps=args.schedule_steps or args.steps))
+  graphdef, params = nnx.split(text_pretraining.build_model(config, train_lists.vocab))
+  tx = optimizer.make_optimizer(config.train)
+  question_weight = float(args.question_loss)
+
+  def objective(params, batch):
+    logits = nnx.merge(graphdef, params)(batch["ids"])[:, :-1].astype(jnp.float32)
+    target = batch["ids"][:, 1:]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], -1)[..., 0]
+    right = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
+    mean = lambda x, w: jnp.sum(x * w[:, :-1]) / jnp.sum(w[:, :-1])
+    loss = mean(nll, batch["answer"]) + question_weight * mean(nll, batch["question"])
+    return loss, mean(right, batch["answer"])
+
+  @jax.jit
+  def step(params, opt, batch):
+    (loss, accuracy), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    return jax.tree.map(jnp.add, params, updates), opt, loss, accuracy
+
+  measure = jax.jit(lambda params, batch: objective(params, batch)[1])
+  opt, window, start, heldout = tx.init(params), [], time.perf_counter(), float("nan")
+  for i in range(args.steps):
+    params, opt, loss, accuracy = step(params, opt, train_lists(args.batch))
+    window.append(float(accuracy))
+    if (i + 1) % args.report_every == 0:
+      heldout = float(measure(params, heldout_lists(128)))
+      print(f"step {i + 1:6d}  lists {(i + 1) * args.batch:8d}  loss {float(loss):.3f}  "
+            f"accuracy {np.mean(window):.3f}  held out {heldout:.3f} (chance "
+            f"{1 / args.blocks:.3f})  {time.perf_counter() - start:.0f} s", flush=True)
+      window = []
+  return heldout
+
+
+if __name__ == "__main__":
+  main()
