@@ -21,6 +21,11 @@ written so far show that event: the LLaMA is taught the two hops the answer is b
 block a token stands in, and where else its event appears; `lookup_acc`: the share of events
 whose candidate set the probe gets exactly right, `lookup_acc_block` / `lookup_acc_question` by
 where the event is written).
+
+With `train.question_weight` > 0 the user's questions' tokens are trained too: after "Find:
+cyan square" the next word is the listed cyan square's motion, so each question also asks one
+lookup per attribute it names (`scripts/probe_lookup.py --question_loss` measures the effect on
+the answers' accuracy in a token-level version of the lists).
 """
 
 from __future__ import annotations
