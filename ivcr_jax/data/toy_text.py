@@ -214,10 +214,10 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
   elsewhere; `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first
   digit, 0 elsewhere; `is_span` marks the digits of moment spans; with `questions`, the slots
   after the answers' hold the questions' tokens, marked by `is_question`), and `lookups` slots
-  of the events in
-  the blocks and in the questions (`TextExample.lookups`; `lookup_position`: the token ending the
-  event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each candidate written
-  before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for a question's).
+  of the events in the blocks and in the questions (`TextExample.lookups`; `lookup_position`:
+  the token ending the event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each
+  candidate written before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for
+  a question's).
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
   rows with more supervised tokens than `positions` (or events than `lookups`, when it is not
