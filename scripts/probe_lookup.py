@@ -9,15 +9,16 @@ probability P, from an earlier one with one attribute changed. The answer k is p
 question's last event token: the model has to match the question's event to a block's and read
 the index written before it.
 
-`--question_loss` adds the cross-entropy of the question's own attribute tokens (each predicted
-from the ones before it: after "FIND red circle" the motion is the listed red circle's), the
-lever `train.question_weight` puts in the text world. The model, initialisation (fan-in kernels,
-std-1 embeddings), AdamW and schedule are the text pretraining's (`configs/toy_llm.py`, 4 layers,
-4 KV heads). It prints the accuracy of k on the training batches and on fresh lists per window.
+`--question_weight W` adds W x the cross-entropy of the question's own attribute tokens (each
+predicted from the ones before it: after "FIND red circle" the motion is the listed red
+circle's), the lever `train.question_weight` of the text pretraining. The model, initialisation
+(fan-in kernels, std-1 embeddings), AdamW and schedule are the text pretraining's
+(`configs/toy_llm.py`, 4 layers, 4 KV heads). It prints the accuracy of k on the training
+batches and on fresh lists per window.
 
     python -m scripts.probe_lookup                                  # one token per block
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5    # conjunctions of three
-    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_loss
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_weight 1
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attrs", default="", help="values per attribute, e.g. 8,3,5")
   p.add_argument("--lookalike", type=float, default=0.0)
   p.add_argument("--video_marker", action="store_true", help="write <VIDEO> before the event")
-  p.add_argument("--question_loss", action="store_true")
+  p.add_argument("--question_weight", type=float, default=0.0)
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> float:
   config.train.update(dict(lr=args.lr, num_steps=args.schedule_steps or args.steps))
   graphdef, params = nnx.split(text_pretraining.build_model(config, train_lists.vocab))
   tx = optimizer.make_optimizer(config.train)
-  question_weight = float(args.question_loss)
 
   def objective(params, batch):
     logits = nnx.merge(graphdef, params)(batch["ids"])[:, :-1].astype(jnp.float32)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> float:
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], -1)[..., 0]
     right = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
     mean = lambda x, w: jnp.sum(x * w[:, :-1]) / jnp.sum(w[:, :-1])
-    loss = mean(nll, batch["answer"]) + question_weight * mean(nll, batch["question"])
+    loss = mean(nll, batch["answer"]) + args.question_weight * mean(nll, batch["question"])
     return loss, mean(right, batch["answer"])
 
   @jax.jit

@@ -24,7 +24,7 @@ where the event is written).
 
 With `train.question_weight` > 0 the user's questions' tokens are trained too: after "Find:
 cyan square" the next word is the listed cyan square's motion, so each question also asks one
-lookup per attribute it names (`scripts/probe_lookup.py --question_loss` measures the effect on
+lookup per attribute it names (`scripts/probe_lookup.py --question_weight` measures the effect on
 the answers' accuracy in a token-level version of the lists).
 """
 
