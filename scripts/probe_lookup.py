@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
+  p.add_argument("--hidden", type=int, default=64)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--batch", type=int, default=32)
@@ -118,8 +119,9 @@ def main(argv: list[str] | None = None) -> float:
   train_lists, heldout_lists = Lists(args, args.seed), Lists(args, args.seed + 1)
   config = get_config("demo").unlock()
   config.seed = args.seed
-  config.model.llm.update(dict(depth=args.depth, heads=args.heads, kv_heads=args.heads,
-                               head_dim=config.model.llm.hidden // args.heads))
+  config.model.llm.update(dict(depth=args.depth, hidden=args.hidden, heads=args.heads,
+                               kv_heads=args.heads, head_dim=args.hidden // args.heads,
+                               mlp_dim=2 * args.hidden))
   config.train.update(dict(lr=args.lr, num_steps=args.schedule_steps or args.steps))
   graphdef, params = nnx.split(text_pretraining.build_model(config, train_lists.vocab))
   tx = optimizer.make_optimizer(config.train)
