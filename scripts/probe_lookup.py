@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from configs.toy_llm import get_config
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> float:
   def step(params, opt, batch):
     (loss, accuracy), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
     updates, opt = tx.update(grads, opt, params)
-    return jax.tree.map(jnp.add, params, updates), opt, loss, accuracy
+    return optax.apply_updates(params, updates), opt, loss, accuracy
 
   measure = jax.jit(lambda params, batch: objective(params, batch)[1])
   opt, window, start, heldout = tx.init(params), [], time.perf_counter(), float("nan")

@@ -96,6 +96,9 @@ def chat_messages(turns: Sequence[Turn], frame_times: Sequence[Sequence[float] |
   return messages
 
 
+END_USER = " [/INST]"  # closes every user turn; a generation prompt ends with it
+
+
 def render_with_spans(messages: Sequence[dict[str, str]], bos: str, eos: str
                       ) -> tuple[str, list[tuple[int, int]]]:
   """The template's string and, per assistant message, its `[start, end)` (" answer </s>")."""
@@ -113,7 +116,7 @@ def render_with_spans(messages: Sequence[dict[str, str]], bos: str, eos: str
     if i == 0 and system is not None:
       content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content
     if m["role"] == "user":
-      piece = bos + "[INST] " + content.strip() + " [/INST]"
+      piece = bos + "[INST] " + content.strip() + END_USER
     else:
       piece = " " + content.strip() + " " + eos
       spans.append((length, length + len(piece)))

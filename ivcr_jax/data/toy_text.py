@@ -173,7 +173,7 @@ class TextWorld:
     text, spans = prompt.render_with_spans(messages, "<s>", "</s>")
     question_spans = []
     for question, (start, _) in zip(questions, spans, strict=True):  # "... question [/INST]"
-      end = start - len(" [/INST]")
+      end = start - len(prompt.END_USER)
       question_spans.append((end - len(question.strip()), end))
     index_chars, span_chars = [], []
     for turn, (start, end) in enumerate(spans):
