@@ -235,7 +235,9 @@ def store_dirs(data_cfg: ml_collections.ConfigDict, image_size: int, workdir: st
   store_dir = d.stores or toy_store_dir(workdir, d.toy_seed)
   # Every stored frame: the pipeline samples from them per epoch (`data.sample_train`).
   wanted = dict(toy=toy_corpus.ToyCorpusConfig(num_videos=d.toy_num_videos, seed=d.toy_seed,
-                                               size=d.toy_size,
+                                               size=d.toy_size, fps=d.toy_fps,
+                                               min_seconds=d.toy_seconds[0],
+                                               max_seconds=d.toy_seconds[1],
                                                retriever_noise=d.toy_retriever_noise),
                 frames=stores.FrameSettings(size=image_size, sampling="all",
                                             resize=d.resize_mode),

@@ -48,7 +48,26 @@ MATMUL_N = 2048
 
 
 def peak_rss_mib() -> float:
+  """This process's peak RSS over its whole life."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+  """Restarts the kernel's peak-RSS mark (Linux: "5" to /proc/self/clear_refs), so that
+  `marked_peak_rss_mib` then reads the peak of what follows; False where that is unsupported."""
+  try:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def marked_peak_rss_mib() -> float:
+  """Peak RSS since `reset_peak_rss` (VmHWM)."""
+  with open("/proc/self/status", encoding="ascii") as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+  return kib / 1024
 
 
 # ------------------------------------------------------------------------------------ JAX side
@@ -85,9 +104,15 @@ class JaxSide:
     config = bt.bench_config(setup["preset"], scan=False)
     with config.unlocked():
       config.train.alpha = config.train.beta = 0.0  # L_M only (see the module docstring)
+      for path, value in setup.get("overrides", {}).items():  # "section.key": value
+        section, key = path.rsplit(".", 1)
+        config[section][key] = value  # ConfigDict resolves the dotted section
     data = experiment.open_data(config, os.path.join(work, "jax"))
     train = data.dialogues("train")
     phase("toy corpus")
+    k = setup.get("candidates") or config.data.num_candidates
+    with config.unlocked():
+      config.data.num_candidates = k  # what the encoder renders (the stores keep their lists)
     self.runner = runner = bt.Runner(config, data, repeats=1)
     _perturb_lora(runner.model, config.seed)
     runner.split = step_lib.TrainableSplit.of(runner.model, config.model.trainable)
@@ -100,7 +125,7 @@ class JaxSide:
     samples = {}
     if "retrieval" in setup["kinds"]:
       r_m = bt.find_dialogue(train, lambda k: k == [RETRIEVAL, MOMENT], "retrieval -> moment")
-      samples["retrieval"] = [records.make_samples([r_m], "prefix")[0]]
+      samples["retrieval"] = [records.make_samples([first_candidates(r_m, k)], "prefix")[0]]
     if "moment" in setup["kinds"]:
       one = bt.find_dialogue(train, lambda k: k == [MOMENT], "single moment turn")
       samples["moment"] = records.make_samples([one], "prefix")
@@ -141,6 +166,20 @@ class JaxSide:
 
   def finish(self) -> dict:
     return {"limit": self.bt.matmul_limit(n=MATMUL_N), "rss_mib": peak_rss_mib()}
+
+
+def first_candidates(dialogue: Any, k: int) -> Any:
+  """`dialogue` with its first turn's candidate list cut to the first `k`, the ground truth kept
+  among them (in the last place when it ranked lower; the answer text is left as recorded)."""
+  turn = dialogue.turns[0]
+  if k >= len(turn.candidates):
+    return dialogue
+  kept = list(turn.candidates[:k])
+  if turn.video_id not in kept:
+    kept[-1] = turn.video_id
+  turn = dataclasses.replace(turn, candidates=tuple(kept),
+                             video_index=kept.index(turn.video_id) + 1)
+  return dataclasses.replace(dialogue, turns=(turn, *dialogue.turns[1:]))
 
 
 def _perturb_lora(model: Any, seed: int) -> None:
@@ -336,11 +375,12 @@ class TorchSide:
 
 def _serve(conn: Connection, side_cls: Callable[[dict], Any],
            preload: Callable[[], None] | None) -> None:
-  """A worker: ("setup", dict) -> info, ("step", kind) -> seconds, ("finish",) -> info; any
+  """A worker: ("setup", dict) -> info, ("step", kind) -> seconds, ("finish",) -> info (with
+  the peak RSS from the first step on: what stepping holds, not building or exporting); any
   error goes back as ("error", traceback) so the parent never waits forever. `preload` runs
   first (the torch side imports while the JAX side builds)."""
   try:
-    side = None
+    side, stepping = None, False
     if preload:
       preload()
     while True:
@@ -352,9 +392,12 @@ def _serve(conn: Connection, side_cls: Callable[[dict], Any],
         side = side_cls(msg[1])
         reply = side.info
       elif msg[0] == "step":
+        stepping = stepping or reset_peak_rss()  # from the first (warm-up) step on
         reply = side.step(msg[1])
       else:
-        conn.send(("ok", side.finish()))
+        ends = side.finish()
+        ends["step_rss_mib"] = marked_peak_rss_mib() if stepping else None
+        conn.send(("ok", ends))
         return
       conn.send(("ok", reply))
   except Exception:  # reported to the parent, which stops
@@ -460,14 +503,21 @@ def report(preset: str, jax_info: dict, torch_info: dict, times: dict, ends: dic
         f"{jax_info['dropout']['lora']}, torch {torch_info['lora_dropout']}. AdamW lr "
         f"{jax_info['adamw']['lr']:g} (the schedule's step 0), weight decay "
         f"{jax_info['adamw']['weight_decay']:g}.")
-  print(f"Peak RSS (each process's whole life: building, export or loading, compiling, "
-        f"stepping): JAX {ends['jax']['rss_mib']:.0f} MiB, torch {ends['torch']['rss_mib']:.0f} "
-        "MiB.")
+  print(f"Peak RSS from the first step on (the model, optimizer state, batches and what the "
+        f"steps allocate): JAX {_mib(ends['jax']['step_rss_mib'])}, torch "
+        f"{_mib(ends['torch']['step_rss_mib'])}; over each process's whole life (building, "
+        f"export or loading, compiling, stepping): JAX {_mib(ends['jax']['rss_mib'])}, torch "
+        f"{_mib(ends['torch']['rss_mib'])}.")
   result = {"preset": preset, "kinds": rows, "trainable": {
       "jax": jax_info["trainable"], "torch": torch_info["trainable"]},
-      "limits": limits, "rss_mib": {n: e["rss_mib"] for n, e in ends.items()}}
+      "limits": limits, "rss_mib": {n: e["rss_mib"] for n, e in ends.items()},
+      "step_rss_mib": {n: e["step_rss_mib"] for n, e in ends.items()}}
   print("result: " + json.dumps(result), flush=True)
   return result
+
+
+def _mib(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.0f} MiB"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,7 +7,9 @@ questions `FIND event k`, each about one block. An event is one token from an al
 world's 120 combinations), distinct within a list; `--lookalike P` draws each distractor, with
 probability P, from an earlier one with one attribute changed. The answer k is predicted at the
 question's last event token: the model has to match the question's event to a block's and read
-the index written before it.
+the index written before it. `--fused_blocks` writes each block's event as one token of its
+combination (a video's Q-Former tokens can carry the whole event in one embedding) while the
+questions keep the attribute words: only the question side then has to compose them.
 
 `--question_weight W` adds W x the cross-entropy of the question's own attribute tokens (each
 predicted from the ones before it: after "FIND red circle" the motion is the listed red
@@ -19,6 +21,7 @@ batches and on fresh lists per window.
     python -m scripts.probe_lookup                                  # one token per block
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5    # conjunctions of three
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_weight 1
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --fused_blocks
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attrs", default="", help="values per attribute, e.g. 8,3,5")
   p.add_argument("--lookalike", type=float, default=0.0)
   p.add_argument("--video_marker", action="store_true", help="write <VIDEO> before the event")
+  p.add_argument("--fused_blocks", action="store_true",
+                 help="with --attrs: a block shows its event as one token of the combination "
+                      "(as a video's Q-Former tokens can), the questions as attribute words")
   p.add_argument("--question_weight", type=float, default=0.0)
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
@@ -69,9 +75,10 @@ class Lists:
     self.args = args
     self.sizes = [int(n) for n in args.attrs.split(",")] if args.attrs else [args.alphabet]
     self.offsets = np.cumsum([0, *self.sizes])[:-1]
-    self.vocab = EVENT + sum(self.sizes)
+    self.combos = EVENT + sum(self.sizes)  # --fused_blocks: combination c is combos + c
+    self.vocab = self.combos + (int(np.prod(self.sizes)) if args.fused_blocks else 0)
     width = len(self.sizes)
-    self.length = (1 + args.blocks * (4 + args.video_marker + width)
+    self.length = (1 + args.blocks * (4 + args.video_marker + (1 if args.fused_blocks else width))
                    + args.questions * (2 + width))
     self.rng = np.random.default_rng(seed)
 
@@ -90,6 +97,13 @@ class Lists:
         out.append(tuple(event))
     return out
 
+  def block_tokens(self, event: tuple[int, ...]) -> list[int]:
+    """How a block shows `event`: its attribute tokens, or one token of the combination."""
+    if not self.args.fused_blocks:
+      return [EVENT + t for t in event]
+    values = [t - o for t, o in zip(event, self.offsets, strict=True)]
+    return [self.combos + int(np.ravel_multi_index(values, self.sizes))]
+
   def __call__(self, batch: int) -> dict[str, jax.Array]:
     """`ids`, and per position `answer` (1 where the next token is an answer's index) and
     `question` (1 where it is a question's next attribute)."""
@@ -102,7 +116,7 @@ class Lists:
       seq = [BOS]
       for k, event in enumerate(events):
         seq += [VID, INDEX + k, END_VID, *[VIDEO] * a.video_marker]
-        seq += [EVENT + t for t in event] + [END_VIDEO]
+        seq += self.block_tokens(event) + [END_VIDEO]
       for k in self.rng.integers(a.blocks, size=a.questions):
         first = len(seq) + 1
         seq += [FIND, *[EVENT + t for t in events[k]], INDEX + k]

@@ -50,8 +50,8 @@ def shared_toy_stores(tmp_path_factory):
     assert not d.annotations and not d.tokenizer, "toy stores only"
     if image_size is None:  # the retriever's frame_size, the InterLLaVA ViT's image size
       image_size = config.frame_size if "frame_size" in config else config.model.vit.image_size
-    key = (d.toy_num_videos, d.toy_seed, d.toy_size, d.toy_retriever_noise, d.resize_mode,
-           image_size, records.RecordOptions.from_config(d))
+    key = (d.toy_num_videos, d.toy_seed, d.toy_size, d.toy_fps, tuple(d.toy_seconds),
+           d.toy_retriever_noise, d.resize_mode, image_size, records.RecordOptions.from_config(d))
     if key not in built:
       data = d.copy_and_resolve_references()
       with data.unlocked():

@@ -131,6 +131,24 @@ def test_probe_lookup_asks_about_the_listed_events_and_trains(capsys):
   assert rows[-1]["loss"] < 3.0 < np.log(lists.vocab), rows
 
 
+def test_probe_lookup_fused_blocks_show_each_event_as_its_combination_token():
+  """--fused_blocks: one token per block, the combination of the attribute words the questions
+  ask with."""
+  pl = probe_lookup
+  args = pl.parse_args(["--attrs", "8,3,5", "--lookalike", "0.5", "--blocks", "6",
+                        "--questions", "5", "--fused_blocks"])
+  lists = pl.Lists(args, seed=1)
+  batch = {k: np.asarray(v) for k, v in lists(4).items()}
+  assert batch["ids"].shape[1] == lists.length and lists.vocab == pl.EVENT + 16 + 120
+  for ids, answer in zip(batch["ids"], batch["answer"], strict=True):
+    blocks = {int(ids[i + 1]): int(ids[i + 3]) for i in np.flatnonzero(ids == pl.VID)}
+    assert all(ids[i + 4] == pl.END_VIDEO for i in np.flatnonzero(ids == pl.VID))
+    for t in np.flatnonzero(answer):
+      words = ids[t - 2:t + 1] - pl.EVENT - lists.offsets
+      combination = np.ravel_multi_index(tuple(words), lists.sizes)
+      assert blocks[int(ids[t + 1])] == lists.combos + combination
+
+
 def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path, capsys):
   from ivcr_jax.data import tokenizer as tokenizer_lib
   from ivcr_jax.data import toy_tokenizer

@@ -147,6 +147,8 @@ def _data() -> ml_collections.ConfigDict:
   d.toy_seed = 0
   d.toy_size = 64  # frame side of the toy mp4 files (a multiple of 32)
   d.toy_retriever_noise = 1.0  # 1: look-alike distractors (hard); larger: nearly random ones
+  d.toy_fps = 3.0  # frames per second of the toy videos
+  d.toy_seconds = (8.0, 30.0)  # their shortest and longest duration
   return d
 
 
