@@ -75,7 +75,11 @@ def measure(preset: str, axis: str, value: int, steps: int, workdir: str) -> dic
     jax_w.stop()
     torch_w.stop()
   kind = jax_info["kinds"]["retrieval"]
+  limits = {side: (info["limit"] + ends[side]["limit"]) / 2
+            for side, info in (("jax", jax_info), ("torch", torch_info))}
   return {"axis": axis, "value": value, "shape": kind["shape"], "flops": kind["flops"],
+          "cpu": bvt.cpu_description(), "jax_limit": limits["jax"],
+          "torch_limit": limits["torch"],
           "rel_diff": diffs["retrieval"], "jax_s": float(np.median(times["jax"])),
           "torch_s": float(np.median(times["torch"])), "jax_times": times["jax"],
           "torch_times": times["torch"], "load": os.getloadavg()[0],
@@ -186,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if saved["preset"] == args.preset and saved["steps"] == args.steps:
       points = saved["points"]
   todo = [(a, v) for a in axes for v in AXES[a][0] if not only or v in only]
-  print(f"{args.preset}: {len(todo)} points, {args.steps} timed steps each; loads "
-        f"{os.getloadavg()}", flush=True)
+  print(f"{args.preset}: {len(todo)} points, {args.steps} timed steps each; "
+        f"{bvt.cpu_description()}; loads {os.getloadavg()}", flush=True)
   for i, (axis, value) in enumerate(todo, 1):
     if any(p["axis"] == axis and p["value"] == value for p in points):
       print(f"[{i}/{len(todo)}] {axis} = {value}: kept from {results_path}", flush=True)

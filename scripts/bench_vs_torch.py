@@ -52,6 +52,21 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_description() -> str:
+  """The CPU's model name, core count and widest vector extension (figures differ by host)."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = set(info.get("flags", "").split())
+  vector = next((v for v in ("avx512f", "avx2", "avx") if v in flags), "no AVX")
+  return f"{info.get('model name', 'unknown CPU')}, {os.cpu_count()} cores, {vector}"
+
+
 def reset_peak_rss() -> bool:
   """Restarts the kernel's peak-RSS mark (Linux: "5" to /proc/self/clear_refs), so that
   `marked_peak_rss_mib` then reads the peak of what follows; False where that is unsupported."""
@@ -508,7 +523,7 @@ def report(preset: str, jax_info: dict, torch_info: dict, times: dict, ends: dic
         f"{_mib(ends['torch']['step_rss_mib'])}; over each process's whole life (building, "
         f"export or loading, compiling, stepping): JAX {_mib(ends['jax']['rss_mib'])}, torch "
         f"{_mib(ends['torch']['rss_mib'])}.")
-  result = {"preset": preset, "kinds": rows, "trainable": {
+  result = {"preset": preset, "cpu": cpu_description(), "kinds": rows, "trainable": {
       "jax": jax_info["trainable"], "torch": torch_info["trainable"]},
       "limits": limits, "rss_mib": {n: e["rss_mib"] for n, e in ends.items()},
       "step_rss_mib": {n: e["step_rss_mib"] for n, e in ends.items()}}
@@ -530,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   kinds = KINDS if args.kind == "both" else (args.kind,)
   workdir = args.workdir or tempfile.mkdtemp(prefix="ivcr_bench_vs_torch_")
-  print(f"{args.preset}: workdir {workdir}; loads {os.getloadavg()}", flush=True)
+  print(f"{args.preset}: workdir {workdir}; {cpu_description()}; loads {os.getloadavg()}",
+        flush=True)
   jax_w, torch_w = Worker("jax", JaxSide), Worker("torch", TorchSide, _import_torch)
   try:
     start = time.perf_counter()
