@@ -242,6 +242,16 @@ def test_long_causal_attention_runs_in_query_chunks():
   assert logits(chunked) < 0.7 * logits(whole)
 
 
+def test_long_sequences_are_cut_into_a_bounded_number_of_chunks():
+  """Up to `CAUSAL_CHUNKS` chunks of at least `CAUSAL_QUERY_CHUNK` queries: 4,096 tokens in 8
+  chunks of 512, 1,024 in chunks of 128 (the sizes measured fastest on XLA:CPU)."""
+  assert layers.causal_query_chunk(1024) == layers.CAUSAL_QUERY_CHUNK == 128
+  assert layers.causal_query_chunk(4096) == 512 and layers.causal_query_chunk(4097) == 513
+  for length in (129, 1000, 2048, 4096, 4100, 32768):
+    size = layers.causal_query_chunk(length)
+    assert size >= layers.CAUSAL_QUERY_CHUNK and -(-length // size) <= layers.CAUSAL_CHUNKS
+
+
 def test_attention_implementation_choice():
   """`auto` per backend; dropout and KV-cache decoding on xla; cuDNN refuses float32."""
   bf16, f32 = jnp.bfloat16, jnp.float32

@@ -191,7 +191,13 @@ class Mask(NamedTuple):
     return out
 
 
-CAUSAL_QUERY_CHUNK = 128  # queries per block of `_causal_chunked_attention`
+CAUSAL_QUERY_CHUNK = 128  # the fewest queries per block of `_causal_chunked_attention`
+CAUSAL_CHUNKS = 8  # longer sequences are cut into this many blocks
+
+
+def causal_query_chunk(length: int) -> int:
+  """Queries per block of `_causal_chunked_attention` for a `length`-token sequence."""
+  return max(CAUSAL_QUERY_CHUNK, -(-length // CAUSAL_CHUNKS))
 
 
 def resolve_attention(impl: str, dtype: DType, *, dropout: bool = False, decoding: bool = False,
@@ -246,13 +252,16 @@ def _causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Ma
                               ) -> jax.Array:
   """Causal self-attention on `xla` in query chunks, each over the keys up to its end, so the
   masked upper triangle is mostly not computed. Forward + backward on XLA:CPU (4 heads of 16,
-  one core, beside other jobs): 2.0x faster at 768 tokens, 2.3x at 1,024, about even at 256.
-  Chunks of 96-128 queries were the fastest there; the result equals the one-block softmax up to
-  summation order."""
+  one core, beside other jobs): 2.0x faster at 768 tokens, 2.3x at 1,024, about even at 256,
+  with chunks of 96-128 queries. Longer sequences want fewer, larger chunks
+  (`causal_query_chunk`): the `small` LLaMA's forward + backward at 4,096 tokens took 13.5 s in
+  chunks of 128, 7.8 s of 256, 6.1 s of 512 and 7.6 s of 1,024 (2,048 tokens: 2.9, 2.2, 2.1,
+  2.4 s; one core). The result equals the one-block softmax up to summation order."""
   lq = q.shape[1]
+  size = causal_query_chunk(lq)
   outputs = []
-  for start in range(0, lq, CAUSAL_QUERY_CHUNK):
-    end = min(start + CAUSAL_QUERY_CHUNK, lq)
+  for start in range(0, lq, size):
+    end = min(start + size, lq)
     chunk = Mask(causal=True, q_offset=start,
                  key_valid=None if mask.key_valid is None else mask.key_valid[:, :end])
     outputs.append(_xla_attention(q[:, start:end], k[:, :end], v[:, :end], chunk, 0.0, None))
