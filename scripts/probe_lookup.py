@@ -7,9 +7,11 @@ questions `FIND event k`, each about one block. An event is one token from an al
 world's 120 combinations), distinct within a list; `--lookalike P` draws each distractor, with
 probability P, from an earlier one with one attribute changed. The answer k is predicted at the
 question's last event token: the model has to match the question's event to a block's and read
-the index written before it. `--fused_blocks` writes each block's event as one token of its
-combination (a video's Q-Former tokens can carry the whole event in one embedding) while the
-questions keep the attribute words: only the question side then has to compose them.
+the index written before it. `--block_event` says how a block shows its event: `words` (one token
+per attribute), `token` (one token per combination) or `sum` (one position whose input
+embedding is the sum of the attribute words' embeddings, as a video's Q-Former tokens could
+be); the questions always use the words, so with `token` or `sum` only the question side has to
+compose them.
 
 `--question_weight W` adds W x the cross-entropy of the question's own attribute tokens (each
 predicted from the ones before it: after "FIND red circle" the motion is the listed red
@@ -21,7 +23,7 @@ batches and on fresh lists per window.
     python -m scripts.probe_lookup                                  # one token per block
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5    # conjunctions of three
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_weight 1
-    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --fused_blocks
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --block_event sum
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ivcr_jax.training import optimizer, text_pretraining
 BOS, VID, END_VID, VIDEO, END_VIDEO, FIND = range(6)
 INDEX = 8  # block k (0-based) is written INDEX + k
 EVENT = 40  # alphabet token a is EVENT + a
+BLOCK_EVENTS = ("words", "token", "sum")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,9 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--attrs", default="", help="values per attribute, e.g. 8,3,5")
   p.add_argument("--lookalike", type=float, default=0.0)
   p.add_argument("--video_marker", action="store_true", help="write <VIDEO> before the event")
-  p.add_argument("--fused_blocks", action="store_true",
-                 help="with --attrs: a block shows its event as one token of the combination "
-                      "(as a video's Q-Former tokens can), the questions as attribute words")
+  p.add_argument("--block_event", default="words", choices=BLOCK_EVENTS,
+                 help="how a block shows its event (module docstring); questions use words")
   p.add_argument("--question_weight", type=float, default=0.0)
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
@@ -75,11 +77,11 @@ class Lists:
     self.args = args
     self.sizes = [int(n) for n in args.attrs.split(",")] if args.attrs else [args.alphabet]
     self.offsets = np.cumsum([0, *self.sizes])[:-1]
-    self.combos = EVENT + sum(self.sizes)  # --fused_blocks: combination c is combos + c
-    self.vocab = self.combos + (int(np.prod(self.sizes)) if args.fused_blocks else 0)
+    self.combos = EVENT + sum(self.sizes)  # --block_event token: combination c is combos + c
+    self.vocab = self.combos + (int(np.prod(self.sizes)) if args.block_event == "token" else 0)
     width = len(self.sizes)
-    self.length = (1 + args.blocks * (4 + args.video_marker + (1 if args.fused_blocks else width))
-                   + args.questions * (2 + width))
+    shown = width if args.block_event == "words" else 1
+    self.length = 1 + args.blocks * (4 + args.video_marker + shown) + args.questions * (2 + width)
     self.rng = np.random.default_rng(seed)
 
   def events(self) -> list[tuple[int, ...]]:
@@ -98,24 +100,33 @@ class Lists:
     return out
 
   def block_tokens(self, event: tuple[int, ...]) -> list[int]:
-    """How a block shows `event`: its attribute tokens, or one token of the combination."""
-    if not self.args.fused_blocks:
+    """How a block shows `event`: its attribute tokens, one token of the combination, or (`sum`)
+    its first attribute's token, to which `__call__`'s `added` adds the others."""
+    mode = self.args.block_event
+    if mode == "words":
       return [EVENT + t for t in event]
+    if mode == "sum":
+      return [EVENT + event[0]]
     values = [t - o for t, o in zip(event, self.offsets, strict=True)]
     return [self.combos + int(np.ravel_multi_index(values, self.sizes))]
 
   def __call__(self, batch: int) -> dict[str, jax.Array]:
-    """`ids`, and per position `answer` (1 where the next token is an answer's index) and
-    `question` (1 where it is a question's next attribute)."""
+    """`ids`, per position `answer` (1 where the next token is an answer's index) and
+    `question` (1 where it is a question's next attribute), and with `--block_event sum`
+    `added`: `[batch, length, attributes - 1]` tokens whose embeddings are added to the
+    position's (-1: none)."""
     a = self.args
     ids = np.zeros((batch, self.length), np.int32)
     answer = np.zeros((batch, self.length), np.float32)
     question = np.zeros((batch, self.length), np.float32)
+    added = np.full((batch, self.length, len(self.sizes) - 1), -1, np.int32)
     for row in range(batch):
       events = self.events()
       seq = [BOS]
       for k, event in enumerate(events):
         seq += [VID, INDEX + k, END_VID, *[VIDEO] * a.video_marker]
+        if a.block_event == "sum":
+          added[row, len(seq)] = [EVENT + t for t in event[1:]]
         seq += self.block_tokens(event) + [END_VIDEO]
       for k in self.rng.integers(a.blocks, size=a.questions):
         first = len(seq) + 1
@@ -123,8 +134,10 @@ class Lists:
         answer[row, len(seq) - 2] = 1.0
         question[row, first:len(seq) - 2] = 1.0
       ids[row] = seq
-    return {"ids": jnp.asarray(ids), "answer": jnp.asarray(answer),
-            "question": jnp.asarray(question)}
+    out = {"ids": ids, "answer": answer, "question": question}
+    if a.block_event == "sum":
+      out["added"] = added
+    return {k: jnp.asarray(v) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -142,7 +155,12 @@ def main(argv: list[str] | None = None) -> float:
   tx = optimizer.make_optimizer(config.train)
 
   def objective(params, batch):
-    logits = nnx.merge(graphdef, params)(batch["ids"])[:, :-1].astype(jnp.float32)
+    model = nnx.merge(graphdef, params)
+    x = model.embed(batch["ids"])
+    if "added" in batch:  # --block_event sum: the other attributes' embeddings, summed in
+      more = batch["added"]
+      x = x + jnp.sum(model.embed(jnp.maximum(more, 0)) * (more >= 0)[..., None], axis=-2)
+    logits = model(inputs_embeds=x)[:, :-1].astype(jnp.float32)
     target = batch["ids"][:, 1:]
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[..., None], -1)[..., 0]
     right = (jnp.argmax(logits, -1) == target).astype(jnp.float32)

@@ -2,6 +2,7 @@
 on a real toy batch, plan_7b's abstract batch and compile match what the pipeline and the trainer
 use (at the tiny preset, dropout off to halve the compile times), and probe_binding trains."""
 
+import math
 import os
 import re
 
@@ -131,22 +132,37 @@ def test_probe_lookup_asks_about_the_listed_events_and_trains(capsys):
   assert rows[-1]["loss"] < 3.0 < np.log(lists.vocab), rows
 
 
-def test_probe_lookup_fused_blocks_show_each_event_as_its_combination_token():
-  """--fused_blocks: one token per block, the combination of the attribute words the questions
-  ask with."""
+@pytest.mark.parametrize("block_event", ["token", "sum"])
+def test_probe_lookup_blocks_can_show_each_event_in_one_position(block_event):
+  """--block_event token / sum: one position per block, holding the combination of the
+  attribute words the questions ask with (its token, or the words' ids to sum)."""
   pl = probe_lookup
   args = pl.parse_args(["--attrs", "8,3,5", "--lookalike", "0.5", "--blocks", "6",
-                        "--questions", "5", "--fused_blocks"])
+                        "--questions", "5", "--block_event", block_event])
   lists = pl.Lists(args, seed=1)
   batch = {k: np.asarray(v) for k, v in lists(4).items()}
-  assert batch["ids"].shape[1] == lists.length and lists.vocab == pl.EVENT + 16 + 120
-  for ids, answer in zip(batch["ids"], batch["answer"], strict=True):
-    blocks = {int(ids[i + 1]): int(ids[i + 3]) for i in np.flatnonzero(ids == pl.VID)}
-    assert all(ids[i + 4] == pl.END_VIDEO for i in np.flatnonzero(ids == pl.VID))
+  assert batch["ids"].shape[1] == lists.length
+  assert lists.vocab == pl.EVENT + 16 + (120 if block_event == "token" else 0)
+  assert ("added" in batch) == (block_event == "sum")
+  for row, (ids, answer) in enumerate(zip(batch["ids"], batch["answer"], strict=True)):
+    starts = np.flatnonzero(ids == pl.VID)
+    assert all(ids[i + 4] == pl.END_VIDEO for i in starts)
+    if block_event == "token":
+      shown = {int(ids[i + 1]): int(ids[i + 3]) for i in starts}
+    else:
+      shown = {int(ids[i + 1]): (int(ids[i + 3]), *batch["added"][row, i + 3]) for i in starts}
+      assert (batch["added"][row] >= 0).sum() == 2 * 6  # two more words per block, no others
     for t in np.flatnonzero(answer):
-      words = ids[t - 2:t + 1] - pl.EVENT - lists.offsets
-      combination = np.ravel_multi_index(tuple(words), lists.sizes)
-      assert blocks[int(ids[t + 1])] == lists.combos + combination
+      words = ids[t - 2:t + 1]
+      want = (lists.combos + np.ravel_multi_index(tuple(words - pl.EVENT - lists.offsets),
+                                                   lists.sizes)
+              if block_event == "token" else tuple(int(w) for w in words))
+      assert shown[int(ids[t + 1])] == want
+  if block_event == "sum":  # and it trains through the summed embeddings
+    assert math.isfinite(probe_lookup.main(["--attrs", "8,3,5", "--blocks", "4", "--questions",
+                                            "3", "--block_event", "sum", "--steps", "4",
+                                            "--report_every", "2", "--batch", "4", "--depth",
+                                            "1"]))
 
 
 def test_probe_text_retrieval_finds_every_index_and_trains(tmp_path, capsys):
