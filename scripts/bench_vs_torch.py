@@ -48,8 +48,13 @@ MATMUL_N = 2048
 
 
 def peak_rss_mib() -> float:
-  """This process's peak RSS over its whole life."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's peak RSS over its whole life. The kernel folds the current mark (VmHWM)
+  into `ru_maxrss` only now and then, so the larger of the two is the lifetime peak."""
+  lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  try:
+    return max(lifetime, marked_peak_rss_mib())
+  except (OSError, StopIteration):
+    return lifetime
 
 
 def cpu_description() -> str:
@@ -410,8 +415,8 @@ def _serve(conn: Connection, side_cls: Callable[[dict], Any],
         stepping = stepping or reset_peak_rss()  # from the first (warm-up) step on
         reply = side.step(msg[1])
       else:
-        ends = side.finish()
-        ends["step_rss_mib"] = marked_peak_rss_mib() if stepping else None
+        step_rss_mib = marked_peak_rss_mib() if stepping else None  # before finish() allocates
+        ends = {**side.finish(), "step_rss_mib": step_rss_mib}
         conn.send(("ok", ends))
         return
       conn.send(("ok", reply))

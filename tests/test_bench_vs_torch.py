@@ -27,3 +27,22 @@ def test_bench_vs_torch_tiny_agrees_and_times(tmp_path: pathlib.Path) -> None:
   assert math.isfinite(moment["ratio"]) and moment["ratio"] > 0
   assert moment["flops"] > 0 and len(moment["jax_times"]) == len(moment["torch_times"]) == 1
   assert "| moment |" in run.stdout
+
+
+def test_the_stepping_peak_never_exceeds_the_lifetime_peak() -> None:
+  """Stop 30's CI: the stepping peak was read after the lifetime one and came out 70 KiB above
+  it. The lifetime peak now folds in the kernel's current mark, and the worker reads the
+  stepping peak first."""
+  sys.path.insert(0, str(ROOT / "scripts"))
+  try:
+    import bench_vs_torch as bench
+  finally:
+    sys.path.remove(str(ROOT / "scripts"))
+  if not bench.reset_peak_rss():
+    return  # no /proc/self/clear_refs: nothing to compare
+  before = bench.marked_peak_rss_mib()
+  ballast = b"\x01" * (64 << 20)  # written pages: the mark rises by 64 MiB
+  stepping = bench.marked_peak_rss_mib()
+  assert stepping >= before + 60
+  assert stepping <= bench.peak_rss_mib()
+  del ballast
