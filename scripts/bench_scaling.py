@@ -64,10 +64,9 @@ def measure(preset: str, axis: str, value: int, steps: int, workdir: str) -> dic
   jax_w = bvt.Worker("jax", bvt.JaxSide)
   torch_w = bvt.Worker("torch", bvt.TorchSide, bvt._import_torch)
   try:
-    jax_info = jax_w.ask("setup", {"preset": preset, "kinds": ("retrieval",),
-                                   "workdir": workdir, "overrides": overrides,
-                                   "candidates": k})
-    torch_info = torch_w.ask("setup", {**jax_info})
+    jax_info, torch_info = bvt.set_up(jax_w, torch_w, {
+        "preset": preset, "kinds": ("retrieval",), "workdir": workdir,
+        "overrides": overrides, "candidates": k})
     diffs = bvt.check_parity(jax_info, torch_info)
     times = bvt.alternate([jax_w, torch_w], ["retrieval"], steps)["retrieval"]
     ends = {"jax": jax_w.ask("finish"), "torch": torch_w.ask("finish")}

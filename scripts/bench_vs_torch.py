@@ -28,6 +28,7 @@ float32 2048^3 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -83,6 +85,20 @@ def reset_peak_rss() -> bool:
     return False
 
 
+def release_free_heap() -> None:
+  """Hands the C heap's free pages back to the OS (glibc `malloc_trim`; nothing elsewhere), so
+  that what building and compiling freed is not counted as stepping memory."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def current_rss_mib() -> float:
+  with open("/proc/self/status", encoding="ascii") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def marked_peak_rss_mib() -> float:
   """Peak RSS since `reset_peak_rss` (VmHWM)."""
   with open("/proc/self/status", encoding="ascii") as f:
@@ -95,7 +111,7 @@ def marked_peak_rss_mib() -> float:
 
 class JaxSide:
   """The trainer's step (`bench_train.Runner`) on the pipeline's batches; it also writes the
-  export the torch side loads and the batches it reads."""
+  batches the torch side reads (the export it loads comes from `ExportSide`)."""
 
   def __init__(self, setup: dict):
     import jax
@@ -104,7 +120,6 @@ class JaxSide:
     from absl import flags
 
     from ivcr_jax import experiment
-    from ivcr_jax.convert import export
     from ivcr_jax.data import records
     from ivcr_jax.data.records import MOMENT, RETRIEVAL
     from ivcr_jax.training import optimizer
@@ -121,12 +136,7 @@ class JaxSide:
       phases[name] = round(time.perf_counter() - clock, 1)
       clock = time.perf_counter()
 
-    config = bt.bench_config(setup["preset"], scan=False)
-    with config.unlocked():
-      config.train.alpha = config.train.beta = 0.0  # L_M only (see the module docstring)
-      for path, value in setup.get("overrides", {}).items():  # "section.key": value
-        section, key = path.rsplit(".", 1)
-        config[section][key] = value  # ConfigDict resolves the dotted section
+    config = _bench_config(setup)
     data = experiment.open_data(config, os.path.join(work, "jax"))
     train = data.dialogues("train")
     phase("toy corpus")
@@ -137,9 +147,6 @@ class JaxSide:
     _perturb_lora(runner.model, config.seed)
     runner.split = step_lib.TrainableSplit.of(runner.model, config.model.trainable)
     phase("model")
-    out = os.path.join(work, "export")
-    export.write_export(runner.model, config, out, tokenizer=data.tokenizer, log=lambda _: None)
-    phase("export")
 
     enc = runner.encoder(runner.data.layout)
     samples = {}
@@ -172,7 +179,7 @@ class JaxSide:
     t = config.train
     q, vq, lora = (config.model.qformer, config.model.video_qformer, config.model.lora)
     self.info = {
-        "version": jax.__version__, "export": out, "phases": phases, "kinds": kinds,
+        "version": jax.__version__, "export": export_dir(setup), "phases": phases, "kinds": kinds,
         "trainable": sum(x.size for x in jax.tree.leaves(state["params"])),
         "frozen": sum(x.size for x in jax.tree.leaves(frozen)),
         "adamw": {"lr": float(optimizer.learning_rate(t)(0)), "b1": t.b1, "b2": t.b2,
@@ -180,12 +187,15 @@ class JaxSide:
         "dropout": {"qformer": [q.dropout, q.attention_dropout],
                     "video_qformer": [vq.dropout, vq.attention_dropout], "lora": lora.dropout},
         "lora": [lora.rank, lora.alpha], "limit": bt.matmul_limit(n=MATMUL_N)}
+    del eval_step, state, frozen
+    jax.clear_caches()  # the parity check's programs are not the step's (the runner keeps its own)
 
   def step(self, kind: str) -> float:
     return self.runner.step(self.batches[kind])
 
   def finish(self) -> dict:
-    return {"limit": self.bt.matmul_limit(n=MATMUL_N), "rss_mib": peak_rss_mib()}
+    return {"limit": self.bt.matmul_limit(n=MATMUL_N), "rss_mib": peak_rss_mib(),
+            "holds_torch": "torch" in sys.modules}  # the export's job (`ExportSide`), not ours
 
 
 def first_candidates(dialogue: Any, k: int) -> Any:
@@ -200,6 +210,44 @@ def first_candidates(dialogue: Any, k: int) -> Any:
   turn = dataclasses.replace(turn, candidates=tuple(kept),
                              video_index=kept.index(turn.video_id) + 1)
   return dataclasses.replace(dialogue, turns=(turn, *dialogue.turns[1:]))
+
+
+def _bench_config(setup: dict) -> Any:
+  from scripts import bench_train as bt
+
+  config = bt.bench_config(setup["preset"], scan=False)
+  with config.unlocked():
+    config.train.alpha = config.train.beta = 0.0  # L_M only (see the module docstring)
+    for path, value in setup.get("overrides", {}).items():  # "section.key": value
+      section, key = path.rsplit(".", 1)
+      config[section][key] = value  # ConfigDict resolves the dotted section
+  return config
+
+
+def export_dir(setup: dict) -> str:
+  return os.path.join(setup["workdir"], "export")
+
+
+class ExportSide:
+  """Builds the JAX side's model again (the same seed and LoRA perturbation; the parity check
+  proves them equal) and writes the export the torch side loads. In a process of its own, so
+  that the JAX side's memory holds no torch (writing the official .pth imports it) and no export
+  buffers: a trainer does not export while it steps."""
+
+  def __init__(self, setup: dict):
+    from absl import flags
+
+    from ivcr_jax import experiment
+    from ivcr_jax.convert import export
+
+    flags.FLAGS.is_parsed() or flags.FLAGS.mark_as_parsed()
+    config = _bench_config(setup)
+    data = experiment.open_data(config, os.path.join(setup["workdir"], "jax"))  # the JAX side's
+    model = experiment.build_model(config, data.tokenizer)
+    _perturb_lora(model, config.seed)
+    export.write_export(model, config, export_dir(setup), tokenizer=data.tokenizer,
+                        log=lambda _: None)
+    self.info = {}
 
 
 def _perturb_lora(model: Any, seed: int) -> None:
@@ -400,7 +448,7 @@ def _serve(conn: Connection, side_cls: Callable[[dict], Any],
   error goes back as ("error", traceback) so the parent never waits forever. `preload` runs
   first (the torch side imports while the JAX side builds)."""
   try:
-    side, stepping = None, False
+    side, stepping, ready_rss_mib = None, False, None
     if preload:
       preload()
     while True:
@@ -412,11 +460,14 @@ def _serve(conn: Connection, side_cls: Callable[[dict], Any],
         side = side_cls(msg[1])
         reply = side.info
       elif msg[0] == "step":
-        stepping = stepping or reset_peak_rss()  # from the first (warm-up) step on
+        if not stepping:  # from the first (warm-up) step on
+          release_free_heap()
+          ready_rss_mib = current_rss_mib()
+          stepping = reset_peak_rss()
         reply = side.step(msg[1])
       else:
         step_rss_mib = marked_peak_rss_mib() if stepping else None  # before finish() allocates
-        ends = {**side.finish(), "step_rss_mib": step_rss_mib}
+        ends = {**side.finish(), "step_rss_mib": step_rss_mib, "ready_rss_mib": ready_rss_mib}
         conn.send(("ok", ends))
         return
       conn.send(("ok", reply))
@@ -468,6 +519,18 @@ def check_parity(jax_info: dict, torch_info: dict) -> dict[str, float]:
     raise SystemExit(f"trainable parameters differ: JAX {jax_info['trainable']}, torch "
                      f"{torch_info['trainable']}; not timing")
   return diffs
+
+
+def set_up(jax_w: Worker, torch_w: Worker, setup: dict) -> tuple[dict, dict]:
+  """The JAX side (it builds the toy corpus), then the export in a passing process, then the
+  torch side: their setup replies."""
+  jax_info = jax_w.ask("setup", setup)
+  exporter = Worker("export", ExportSide)
+  try:
+    exporter.ask("setup", setup)
+  finally:
+    exporter.stop()
+  return jax_info, torch_w.ask("setup", {**jax_info})
 
 
 def alternate(workers: Sequence[Worker], kinds: Sequence[str], steps: int
@@ -524,14 +587,18 @@ def report(preset: str, jax_info: dict, torch_info: dict, times: dict, ends: dic
         f"{jax_info['adamw']['lr']:g} (the schedule's step 0), weight decay "
         f"{jax_info['adamw']['weight_decay']:g}.")
   print(f"Peak RSS from the first step on (the model, optimizer state, batches and what the "
-        f"steps allocate): JAX {_mib(ends['jax']['step_rss_mib'])}, torch "
+        f"steps allocate; each side hands its free heap back to the OS first, holding JAX "
+        f"{_mib(ends['jax']['ready_rss_mib'])}, torch {_mib(ends['torch']['ready_rss_mib'])} "
+        f"then): JAX {_mib(ends['jax']['step_rss_mib'])}, torch "
         f"{_mib(ends['torch']['step_rss_mib'])}; over each process's whole life (building, "
         f"export or loading, compiling, stepping): JAX {_mib(ends['jax']['rss_mib'])}, torch "
         f"{_mib(ends['torch']['rss_mib'])}.")
   result = {"preset": preset, "cpu": cpu_description(), "kinds": rows, "trainable": {
       "jax": jax_info["trainable"], "torch": torch_info["trainable"]},
       "limits": limits, "rss_mib": {n: e["rss_mib"] for n, e in ends.items()},
-      "step_rss_mib": {n: e["step_rss_mib"] for n, e in ends.items()}}
+      "step_rss_mib": {n: e["step_rss_mib"] for n, e in ends.items()},
+      "ready_rss_mib": {n: e["ready_rss_mib"] for n, e in ends.items()},
+      "jax_holds_torch": ends["jax"]["holds_torch"]}
   print("result: " + json.dumps(result), flush=True)
   return result
 
@@ -555,12 +622,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   jax_w, torch_w = Worker("jax", JaxSide), Worker("torch", TorchSide, _import_torch)
   try:
     start = time.perf_counter()
-    jax_info = jax_w.ask("setup", {"preset": args.preset, "kinds": kinds, "workdir": workdir})
-    print(f"JAX side ready in {time.perf_counter() - start:.1f} s: {jax_info['phases']}",
+    jax_info, torch_info = set_up(jax_w, torch_w, {"preset": args.preset, "kinds": kinds,
+                                                   "workdir": workdir})
+    print(f"both sides ready in {time.perf_counter() - start:.1f} s; JAX: {jax_info['phases']}",
           flush=True)
-    start = time.perf_counter()
-    torch_info = torch_w.ask("setup", {**jax_info})
-    print(f"torch side ready in {time.perf_counter() - start:.1f} s", flush=True)
     print("Loss parity, dropout off (eval losses of the exported weights):", flush=True)
     diffs = check_parity(jax_info, torch_info)
     times = alternate([jax_w, torch_w], kinds, args.steps)
