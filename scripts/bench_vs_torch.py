@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -194,8 +193,7 @@ class JaxSide:
     return self.runner.step(self.batches[kind])
 
   def finish(self) -> dict:
-    return {"limit": self.bt.matmul_limit(n=MATMUL_N), "rss_mib": peak_rss_mib(),
-            "holds_torch": "torch" in sys.modules}  # the export's job (`ExportSide`), not ours
+    return {"limit": self.bt.matmul_limit(n=MATMUL_N), "rss_mib": peak_rss_mib()}
 
 
 def first_candidates(dialogue: Any, k: int) -> Any:
@@ -231,8 +229,8 @@ def export_dir(setup: dict) -> str:
 class ExportSide:
   """Builds the JAX side's model again (the same seed and LoRA perturbation; the parity check
   proves them equal) and writes the export the torch side loads. In a process of its own, so
-  that the JAX side's memory holds no torch (writing the official .pth imports it) and no export
-  buffers: a trainer does not export while it steps."""
+  that the JAX side's memory holds no export buffers: a trainer does not export while it
+  steps."""
 
   def __init__(self, setup: dict):
     from absl import flags
@@ -597,8 +595,7 @@ def report(preset: str, jax_info: dict, torch_info: dict, times: dict, ends: dic
       "jax": jax_info["trainable"], "torch": torch_info["trainable"]},
       "limits": limits, "rss_mib": {n: e["rss_mib"] for n, e in ends.items()},
       "step_rss_mib": {n: e["step_rss_mib"] for n, e in ends.items()},
-      "ready_rss_mib": {n: e["ready_rss_mib"] for n, e in ends.items()},
-      "jax_holds_torch": ends["jax"]["holds_torch"]}
+      "ready_rss_mib": {n: e["ready_rss_mib"] for n, e in ends.items()}}
   print("result: " + json.dumps(result), flush=True)
   return result
 

@@ -29,7 +29,6 @@ def test_bench_vs_torch_tiny_agrees_and_times(tmp_path: pathlib.Path) -> None:
   assert "| moment |" in run.stdout
   for side in ("jax", "torch"):  # what a side holds before stepping is part of its peak
     assert 0 < result["ready_rss_mib"][side] <= result["step_rss_mib"][side]
-  assert result["jax_holds_torch"] is False  # the export is written in a process of its own
 
 
 def test_the_stepping_peak_never_exceeds_the_lifetime_peak() -> None:
