@@ -84,6 +84,9 @@ def test_the_question_loss_adds_the_questions_tokens_to_the_objective(tokenizer)
   plain = text_pretraining.batches(_config(), tokenizer)(0)
   assert batch["is_question"].sum() > 0 and not plain["is_question"].any()
   np.testing.assert_array_equal(batch["weight"], plain["weight"])  # the same answer slots
+  events = text_pretraining.batches(_config(question_weight=0.5, question_tokens="events"),
+                                    tokenizer)(0)  # the named events' words, not the template
+  assert 0 < events["is_question"].sum() < batch["is_question"].sum()
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "cut_rows"}
   total, metrics = text_pretraining._metrics(model, probe, batch, 0.0, 0.5)
   assert float(total) == pytest.approx(

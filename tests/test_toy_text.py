@@ -173,7 +173,8 @@ def test_question_slots_hold_each_questions_tokens_after_the_answers(follow_ups,
   world = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups))
   examples = world.examples(7, 3)
   plain = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800)
-  batch = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800, questions=True)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800,
+                                questions="all")
   assert int(batch["cut_rows"]) == 0 and not plain["is_question"].any()
   for row, example in enumerate(examples):
     turns = TURN.findall(example.text)
@@ -190,3 +191,22 @@ def test_question_slots_hold_each_questions_tokens_after_the_answers(follow_ups,
     np.testing.assert_array_equal(batch["ids"][row][positions + 1], labels)  # the next token
     # The slots spell the questions, one after the other, and nothing else.
     assert tokenizer.decode(labels).replace(" ", "") == "".join(asked).replace(" ", "")
+
+
+@pytest.mark.parametrize("follow_ups", ["official", "words"])
+def test_event_question_slots_hold_only_the_named_events(follow_ups, tokenizer):
+  world = toy_text.TextWorld(toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups))
+  examples = world.examples(3, 3)
+  batch = toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800,
+                                questions="events")
+  for row, example in enumerate(examples):
+    phrases = [example.text[a:b] for a, b in example.question_event_spans]
+    # One phrase per event of each asked video, each inside its question.
+    assert len(phrases) == len(example.lookups) - example.block_lookups
+    retrieval = example.question_spans[:len(example.index_chars)]
+    assert all(any(lo <= a and b <= hi for lo, hi in retrieval)
+               for a, b in example.question_event_spans)
+    labels = batch["label"][row][batch["is_question"][row] > 0]
+    assert tokenizer.decode(labels).replace(" ", "") == "".join(phrases).replace(" ", "")
+  with pytest.raises(ValueError, match="questions must be one of"):
+    toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800, questions="some")

@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # question_spans`; they take the `data.positions` slots after the answers'); 0 trains the
   # answers alone.
   t.question_weight = 0.0
+  # Which question tokens: "all" (template words included) or "events" (only the event phrases
+  # the retrieval questions name, the words the list determines: what `scripts/probe_lookup.py
+  # --question_weight` supervises).
+  t.question_tokens = "all"
   t.log_every = 50
   t.eval_every = 500
   t.checkpoint_every = 500

@@ -35,6 +35,7 @@ from ivcr_jax.data.frames import sample_indices
 from ivcr_jax.data.tokenizer import VIDEO_PLACEHOLDER
 
 FOLLOW_UPS = ("official", "words")
+QUESTION_TOKENS = ("all", "events")
 INDEX_GROUPS = ("first1", "first2", "first3", "follow1", "follow2", "follow3")
 
 
@@ -110,6 +111,10 @@ class TextExample:
   # or moment block before it). Predicting a question's words is a lookup of its own: after
   # "Find: cyan square" the next word is the motion of the listed cyan square.
   question_spans: tuple[tuple[int, int], ...] = ()
+  # Character ranges of the event phrases the retrieval questions name ("cyan square right",
+  # "cyan square moves from left to right"): the words of a question that the list determines
+  # once the question has started, without the template around them.
+  question_event_spans: tuple[tuple[int, int], ...] = ()
 
 
 class TextWorld:
@@ -182,14 +187,16 @@ class TextWorld:
         index_chars.append(start + 1 + find_video_index(answer).start)
       else:
         span_chars += [start + 1 + c for n in find_span(answer) for c, _, _ in n.digits()]
-    lookups = []
+    lookups, phrase_spans = [], []
 
     def look_up(video: int, start: int, seen: int, motion_words: dict[str, str] | None) -> None:
       """Appends each event of `video` as written from `start` on (the motion as its key, or
       as `motion_words` says it), with the first `seen` candidates that show it."""
       for e in self.specs[video].events:
         phrase = f"{e.colour} {e.shape} {motion_words[e.motion] if motion_words else e.motion}"
-        start = text.index(phrase, start) + len(phrase)
+        found = text.index(phrase, start)
+        start = found + len(phrase)
+        phrase_spans.append((found, start))
         key = (e.colour, e.shape, e.motion)
         lookups.append((start - 1, tuple(j for j in range(seen) if key in events[videos[j]])))
 
@@ -203,17 +210,19 @@ class TextWorld:
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
-                       tuple(lookups), in_blocks, tuple(question_spans))
+                       tuple(lookups), in_blocks, tuple(question_spans),
+                       tuple(phrase_spans[in_blocks:]))
 
 
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int,
-                 lookups: int = 0, num_candidates: int = 10, questions: bool = False
+                 lookups: int = 0, num_candidates: int = 10, questions: str = ""
                  ) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
   (`position`: the token whose logits predict `label`; `weight` 1 on the answers' tokens, 0
   elsewhere; `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first
-  digit, 0 elsewhere; `is_span` marks the digits of moment spans; with `questions`, the slots
-  after the answers' hold the questions' tokens, marked by `is_question`), and `lookups` slots
+  digit, 0 elsewhere; `is_span` marks the digits of moment spans; with `questions` "all", the
+  slots after the answers' hold the questions' tokens, marked by `is_question`; with "events",
+  only the tokens of the event phrases the retrieval questions name), and `lookups` slots
   of the events in the blocks and in the questions (`TextExample.lookups`; `lookup_position`:
   the token ending the event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each
   candidate written before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for
@@ -250,9 +259,13 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
                 for t in range(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi))
                 if 0 < t < len(kept)]
     supervised = list(answered)
-    if questions:  # every token overlapping a question ("▁I" starts at the space before "I")
+    if questions:  # every token overlapping a range ("▁I" starts at the space before "I")
+      if questions not in QUESTION_TOKENS:
+        raise ValueError(f"questions must be one of {QUESTION_TOKENS}, got {questions!r}")
       ends = [e for _, e in enc["offset_mapping"][row]]
-      supervised += [t for lo, hi in example.question_spans
+      ranges = (example.question_spans if questions == "all"
+                else example.question_event_spans)
+      supervised += [t for lo, hi in ranges
                      for t in range(bisect.bisect_right(ends, lo), bisect.bisect_left(starts, hi))
                      if 0 < t < len(kept)]
     found = [(t, holders) for c, holders in example.lookups

@@ -80,7 +80,8 @@ def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
     examples = world.examples(step, config.train.batch_size)
     return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions,
                                  lookups=d.lookups, num_candidates=config.world.num_candidates,
-                                 questions=config.train.question_weight > 0)
+                                 questions=(config.train.question_tokens
+                                            if config.train.question_weight > 0 else ""))
 
   return batch_at
 
