@@ -93,16 +93,19 @@ def release_free_heap() -> None:
     pass
 
 
-def current_rss_mib() -> float:
+def _status_mib(field: str) -> float:
+  """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MiB."""
   with open("/proc/self/status", encoding="ascii") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def current_rss_mib() -> float:
+  return _status_mib("VmRSS")
 
 
 def marked_peak_rss_mib() -> float:
   """Peak RSS since `reset_peak_rss` (VmHWM)."""
-  with open("/proc/self/status", encoding="ascii") as f:
-    kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-  return kib / 1024
+  return _status_mib("VmHWM")
 
 
 # ------------------------------------------------------------------------------------ JAX side

@@ -232,6 +232,8 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
   rows with more supervised tokens than `positions` (or events than `lookups`, when it is not
   0) keep the first ones: all are counted in `cut_rows` so that a caller can size them.
   """
+  if questions and questions not in QUESTION_TOKENS:
+    raise ValueError(f"questions must be one of {QUESTION_TOKENS}, got {questions!r}")
   enc = tokenizer([e.text for e in examples], add_special_tokens=False,
                   return_offsets_mapping=True)
   b = len(examples)
@@ -260,8 +262,6 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
                 if 0 < t < len(kept)]
     supervised = list(answered)
     if questions:  # every token overlapping a range ("▁I" starts at the space before "I")
-      if questions not in QUESTION_TOKENS:
-        raise ValueError(f"questions must be one of {QUESTION_TOKENS}, got {questions!r}")
       ends = [e for _, e in enc["offset_mapping"][row]]
       ranges = (example.question_spans if questions == "all"
                 else example.question_event_spans)
