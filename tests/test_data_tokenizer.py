@@ -91,6 +91,40 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     toks.load_tokenizer(str(tmp_path / "nope"))
 
 
+def test_loading_takes_the_named_class_as_auto_tokenizer_does_without_importing_torch(
+    llama_dir, tmp_path):
+  """`AutoTokenizer` imports torch through the model configuration code (~200 MiB resident in
+  every trainer process); loading by the class the directory names gives the same tokenizer."""
+  from transformers import AutoTokenizer
+
+  bert_dir = toy_tokenizer.build_toy_bert_tokenizer(str(tmp_path / "bert"))
+  text = "The video 3 matches <VID> 7 </VID> at 12.5s, ünïcode."
+  for path in (llama_dir, bert_dir):
+    ours, auto = toks.load_plain_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert type(ours) is type(auto) and len(ours) == len(auto)
+    assert ours(text).input_ids == auto(text).input_ids
+    assert ours.special_tokens_map == auto.special_tokens_map
+  code = (f"import sys; from ivcr_jax.data import tokenizer as t; t.load_tokenizer({llama_dir!r}); "
+          f"t.load_plain_tokenizer({bert_dir!r}); assert 'torch' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_directory_naming_no_class_falls_back_to_auto_tokenizer(llama_dir, tmp_path):
+  import json
+  import shutil
+
+  plain = shutil.copytree(llama_dir, str(tmp_path / "plain"))
+  config_path = os.path.join(plain, "tokenizer_config.json")
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  for name in (None, "NoSuchTokenizer"):
+    config["tokenizer_class"] = name
+    with open(config_path, "w", encoding="utf-8") as f:
+      json.dump({k: v for k, v in config.items() if v is not None}, f)
+    tok = toks.load_tokenizer(plain)
+    assert tok("a b").input_ids == toks.load_tokenizer(llama_dir)("a b").input_ids
+
+
 def test_data_modules_do_not_import_torch_or_tensorflow():
   code = ("import sys, ivcr_jax, ivcr_jax.data.answers, ivcr_jax.data.records, "
           "ivcr_jax.data.prompt, ivcr_jax.data.tokenizer, ivcr_jax.data.toy_corpus; "

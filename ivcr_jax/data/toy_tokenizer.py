@@ -5,9 +5,9 @@ makes a LLaMA-style one (BPE with byte fallback, digits one per token, newlines 
 "▁", punctuation apart from words as in Llama-2's "▁still" "," where BPE alone merges "▁still,",
 `<unk>`=0, `<s>`=1, `</s>`=2, bytes at 3-258 like Llama-2's layout), and
 `build_toy_bert_tokenizer` a BERT-style WordPiece one for the Q-Former text without quirk B1. Both
-are saved with `save_pretrained`, so `tokenizer.load_tokenizer` (`AutoTokenizer`) loads them like
-any other. Apart from `tokenizer` because learning from rendered prompts needs `prompt`, which
-itself needs `tokenizer`.
+are saved with `save_pretrained`, so `tokenizer.load_tokenizer` loads them like any other.
+Apart from `tokenizer` because learning from rendered prompts needs `prompt`, which itself
+needs `tokenizer`.
 
 `tokenizers`/`transformers` are imported inside the functions: `transformers` imports torch
 (~1.5 s), which must stay out of `import ivcr_jax`.
