@@ -9,8 +9,7 @@ are saved with `save_pretrained`, so `tokenizer.load_tokenizer` loads them like 
 Apart from `tokenizer` because learning from rendered prompts needs `prompt`, which itself
 needs `tokenizer`.
 
-`tokenizers`/`transformers` are imported inside the functions: `transformers` imports torch
-(~1.5 s), which must stay out of `import ivcr_jax`.
+`tokenizers`/`transformers` are imported inside the functions, to keep `import ivcr_jax` light.
 """
 
 from __future__ import annotations
