@@ -2,11 +2,12 @@
 
 A token-level model of the text world's retrieval question (issue #13): `--blocks` candidate
 blocks in the official layout, `<VID> k </VID> [<VIDEO>] event </VIDEO>`, then `--questions`
-questions `FIND event k`, each about one block. An event is one token from an alphabet of
-`--alphabet`, or with `--attrs 8,3,5` one token per attribute ("colour shape motion", the text
-world's 120 combinations), distinct within a list; `--lookalike P` draws each distractor, with
-probability P, from an earlier one with one attribute changed. The answer k is predicted at the
-question's last event token: the model has to match the question's event to a block's and read
+questions `FIND event k`, each about one block (`--answer_gap G`: G template tokens before k).
+An event is one token from an alphabet of `--alphabet`, or with `--attrs 8,3,5` one token per
+attribute ("colour shape motion", the text world's 120 combinations), distinct within a list;
+`--lookalike P` draws each distractor, with probability P, from an earlier one with one attribute
+changed. The answer k is predicted at the question's last event token (or the last template
+token): the model has to match the question's event to a block's and read
 the index written before it. `--block_event` says how a block shows its event: `words` (one token
 per attribute), `token` (one token per combination) or `sum` (one position whose input
 embedding is the sum of the attribute words' embeddings, as a video's Q-Former tokens could
@@ -24,6 +25,7 @@ batches and on fresh lists per window.
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5    # conjunctions of three
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_weight 1
     python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --block_event sum
+    python -m scripts.probe_lookup --attrs 8,3,5 --lookalike 0.5 --question_weight 3 --answer_gap 4
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--block_event", default="words", choices=BLOCK_EVENTS,
                  help="how a block shows its event (module docstring); questions use words")
   p.add_argument("--question_weight", type=float, default=0.0)
+  p.add_argument("--answer_gap", type=int, default=0,
+                 help="template tokens between a question's last event and its answer k (the "
+                 "text world writes '. [/INST] The video' and a space there)")
+  p.add_argument("--gap_from", type=int, default=0,
+                 help="training lists have no template gap before this step (a curriculum)")
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
@@ -78,10 +85,12 @@ class Lists:
     self.sizes = [int(n) for n in args.attrs.split(",")] if args.attrs else [args.alphabet]
     self.offsets = np.cumsum([0, *self.sizes])[:-1]
     self.combos = EVENT + sum(self.sizes)  # --block_event token: combination c is combos + c
-    self.vocab = self.combos + (int(np.prod(self.sizes)) if args.block_event == "token" else 0)
+    self.gap = self.combos + (int(np.prod(self.sizes)) if args.block_event == "token" else 0)
+    self.vocab = self.gap + args.answer_gap  # --answer_gap: template token j is gap + j
     width = len(self.sizes)
     shown = width if args.block_event == "words" else 1
-    self.length = 1 + args.blocks * (4 + args.video_marker + shown) + args.questions * (2 + width)
+    self.length = (1 + args.blocks * (4 + args.video_marker + shown)
+                   + args.questions * (2 + width + args.answer_gap))
     self.rng = np.random.default_rng(seed)
 
   def events(self) -> list[tuple[int, ...]]:
@@ -110,12 +119,14 @@ class Lists:
     values = [t - o for t, o in zip(event, self.offsets, strict=True)]
     return [self.combos + int(np.ravel_multi_index(values, self.sizes))]
 
-  def __call__(self, batch: int) -> dict[str, jax.Array]:
+  def __call__(self, batch: int, gap: int | None = None) -> dict[str, jax.Array]:
     """`ids`, per position `answer` (1 where the next token is an answer's index) and
     `question` (1 where it is a question's next attribute), and with `--block_event sum`
     `added`: `[batch, length, attributes - 1]` tokens whose embeddings are added to the
-    position's (-1: none)."""
+    position's (-1: none). `gap`: template tokens before k (default `--answer_gap`; rows with
+    fewer end in padding that nothing is predicted from)."""
     a = self.args
+    gap = a.answer_gap if gap is None else gap
     ids = np.zeros((batch, self.length), np.int32)
     answer = np.zeros((batch, self.length), np.float32)
     question = np.zeros((batch, self.length), np.float32)
@@ -130,10 +141,11 @@ class Lists:
         seq += self.block_tokens(event) + [END_VIDEO]
       for k in self.rng.integers(a.blocks, size=a.questions):
         first = len(seq) + 1
-        seq += [FIND, *[EVENT + t for t in events[k]], INDEX + k]
+        seq += [FIND, *[EVENT + t for t in events[k]]]
+        seq += [self.gap + j for j in range(gap)] + [INDEX + k]
         answer[row, len(seq) - 2] = 1.0
-        question[row, first:len(seq) - 2] = 1.0
-      ids[row] = seq
+        question[row, first:first + len(self.sizes) - 1] = 1.0  # the 2nd, 3rd, ... attribute
+      ids[row, :len(seq)] = seq
     out = {"ids": ids, "answer": answer, "question": question}
     if a.block_event == "sum":
       out["added"] = added
@@ -177,7 +189,8 @@ def main(argv: list[str] | None = None) -> float:
   measure = jax.jit(lambda params, batch: objective(params, batch)[1])
   opt, window, start, heldout = tx.init(params), [], time.perf_counter(), float("nan")
   for i in range(args.steps):
-    params, opt, loss, accuracy = step(params, opt, train_lists(args.batch))
+    gap = 0 if i < args.gap_from else args.answer_gap
+    params, opt, loss, accuracy = step(params, opt, train_lists(args.batch, gap))
     window.append(float(accuracy))
     if (i + 1) % args.report_every == 0:
       heldout = float(measure(params, heldout_lists(128)))

@@ -238,3 +238,27 @@ def test_bench_gpu_step_runs_and_skips_what_this_backend_lacks(capsys):
                               "--videos", "2", "--steps", "1"])
   assert [r["impl"] for r in rows] == ["xla"] and rows[0]["finite"] and rows[0]["tokens/s"] > 0
   assert "cudnn: skipped" in capsys.readouterr().out  # float32 tiny model: no cuDNN kernel
+
+
+def test_probe_lookup_answer_gap_puts_template_tokens_before_the_index():
+  """--answer_gap G: G template tokens between a question's last attribute and k, the answer
+  predicted from the last of them, the questions' 2nd and 3rd attributes still the question
+  targets; a gap of 0 (the curriculum's start) gives the gapless rows, padded at the end."""
+  pl = probe_lookup
+  args = pl.parse_args(["--attrs", "8,3,5", "--blocks", "4", "--questions", "3",
+                        "--answer_gap", "4"])
+  lists = pl.Lists(args, seed=2)
+  assert lists.vocab == lists.gap + 4 and lists.length == 1 + 4 * 7 + 3 * 9
+  for gap in (4, 0):
+    batch = {k: np.asarray(v) for k, v in lists(2, gap).items()}
+    for ids, answer, question in zip(batch["ids"], batch["answer"], batch["question"],
+                                     strict=True):
+      blocks = {int(ids[i + 1]): tuple(ids[i + 3:i + 6]) for i in np.flatnonzero(ids == pl.VID)}
+      asked = np.flatnonzero(answer)
+      assert len(asked) == 3 and np.flatnonzero(question).size == 6
+      for t in asked:
+        assert list(ids[t - gap + 1:t + 1]) == [lists.gap + j for j in range(gap)]
+        assert blocks[int(ids[t + 1])] == tuple(ids[t - gap - 2:t - gap + 1])
+        assert question[t - gap - 2] == question[t - gap - 1] == 1 and question[t - gap] == 0
+      if gap == 0:
+        assert not ids[-3 * 4:].any()  # the rows' unused tail
