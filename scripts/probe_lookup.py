@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "text world writes '. [/INST] The video' and a space there)")
   p.add_argument("--gap_from", type=int, default=0,
                  help="training lists have no template gap before this step (a curriculum)")
+  p.add_argument("--gap_every", type=int, default=0,
+                 help="from --gap_from on, the gap grows by one token every this many steps "
+                 "up to --answer_gap (0: all of it at once)")
   p.add_argument("--blocks", type=int, default=10)
   p.add_argument("--questions", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
@@ -152,6 +155,15 @@ class Lists:
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
+def train_gap(args: argparse.Namespace, step: int) -> int:
+  """The template gap of training step `step` (held-out lists always have `--answer_gap`)."""
+  if step < args.gap_from:
+    return 0
+  if not args.gap_every:
+    return args.answer_gap
+  return min(args.answer_gap, 1 + (step - args.gap_from) // args.gap_every)
+
+
 def main(argv: list[str] | None = None) -> float:
   """Trains and prints the accuracy per window; returns the last window's held-out accuracy."""
   args = parse_args(argv)
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> float:
   measure = jax.jit(lambda params, batch: objective(params, batch)[1])
   opt, window, start, heldout = tx.init(params), [], time.perf_counter(), float("nan")
   for i in range(args.steps):
-    gap = 0 if i < args.gap_from else args.answer_gap
+    gap = train_gap(args, i)
     params, opt, loss, accuracy = step(params, opt, train_lists(args.batch, gap))
     window.append(float(accuracy))
     if (i + 1) % args.report_every == 0:

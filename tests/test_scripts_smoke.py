@@ -262,3 +262,12 @@ def test_probe_lookup_answer_gap_puts_template_tokens_before_the_index():
         assert question[t - gap - 2] == question[t - gap - 1] == 1 and question[t - gap] == 0
       if gap == 0:
         assert not ids[-3 * 4:].any()  # the rows' unused tail
+
+
+def test_probe_lookup_gap_curriculum_grows_one_token_at_a_time():
+  pl = probe_lookup
+  ramp = pl.parse_args(["--answer_gap", "3", "--gap_from", "10", "--gap_every", "5"])
+  assert [pl.train_gap(ramp, i) for i in (0, 9, 10, 14, 15, 20, 99)] == [0, 0, 1, 1, 2, 3, 3]
+  at_once = pl.parse_args(["--answer_gap", "3", "--gap_from", "10"])
+  assert [pl.train_gap(at_once, i) for i in (9, 10)] == [0, 3]
+  assert pl.train_gap(pl.parse_args(["--answer_gap", "2"]), 0) == 2  # no curriculum
