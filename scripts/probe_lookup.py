@@ -7,8 +7,8 @@ An event is one token from an alphabet of `--alphabet`, or with `--attrs 8,3,5` 
 attribute ("colour shape motion", the text world's 120 combinations), distinct within a list;
 `--lookalike P` draws each distractor, with probability P, from an earlier one with one attribute
 changed. The answer k is predicted at the question's last event token (or the last template
-token): the model has to match the question's event to a block's and read
-the index written before it. `--block_event` says how a block shows its event: `words` (one token
+token): the model has to match the question's event to a block's and read the index written
+before it. `--block_event` says how a block shows its event: `words` (one token
 per attribute), `token` (one token per combination) or `sum` (one position whose input
 embedding is the sum of the attribute words' embeddings, as a video's Q-Former tokens could
 be); the questions always use the words, so with `token` or `sum` only the question side has to
