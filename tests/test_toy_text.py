@@ -210,3 +210,49 @@ def test_event_question_slots_hold_only_the_named_events(follow_ups, tokenizer):
     assert tokenizer.decode(labels).replace(" ", "") == "".join(phrases).replace(" ", "")
   with pytest.raises(ValueError, match="questions must be one of"):
     toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800, questions="some")
+
+
+@pytest.mark.parametrize("follow_ups", ["official", "words"])
+def test_the_answer_gap_curriculum_shortens_only_the_follow_ups_template(follow_ups, tokenizer):
+  cfg = toy_text.TextWorldConfig(num_videos=400, follow_ups=follow_ups, retrieval_questions=4,
+                                 answer_gap_from=5, answer_gap_every=3)
+  assert [cfg.answer_gap_at(s) for s in (0, 4, 5, 7, 8, 30)] == [0, 0, 1, 1, 2, 9]
+  assert toy_text.TextWorldConfig().answer_gap_at(10) is None  # off by default
+  assert toy_text.TextWorld(cfg, stream=1).answer_gap(0) is None  # held out: the whole template
+  assert toy_text.TextWorld(cfg).answer_gap(0) == 0
+  with pytest.raises(ValueError, match="answer_gap_every"):
+    toy_text.TextWorldConfig(answer_gap_every=-1)
+  examples = toy_text.TextWorld(cfg).examples(2, 3)
+  encode = lambda gap: toy_text.encode_batch(examples, tokenizer, seq_len=2048, positions=800,
+                                             questions="events", answer_gap=gap)
+  full = encode(None)
+  template = ["▁", "[", "/", "INST", "]", "▁The", "▁video", "▁"]
+  np.testing.assert_array_equal(encode(10**6)["ids"], full["ids"])
+  if follow_ups == "words":  # the question ends with its last event: the gap is the template
+    np.testing.assert_array_equal(encode(len(template) + 1)["ids"], full["ids"])
+  for gap in (0, 1, 4):
+    batch = encode(gap)
+    for row, example in enumerate(examples):
+      follow_ups = len(example.answer_gaps)
+      assert follow_ups == cfg.retrieval_questions - 1
+      dropped = (full["ids"][row] != tokenizer.eos_token_id).sum() - (
+          batch["ids"][row] != tokenizer.eos_token_id).sum()
+      groups = batch["index_group"][row]
+      assert (batch["label"][row][groups > 0] == full["label"][row][full["index_group"][row] > 0]
+              ).all()  # the same digits are asked, in the same groups
+      before = [tokenizer.convert_ids_to_tokens(batch["ids"][row][p - gap:p + 1].tolist())
+                for p in batch["position"][row][groups > 0]]
+      first, *rest = before
+      assert first[-1] != "." and first == tokenizer.convert_ids_to_tokens(
+          full["ids"][row][full["position"][row][full["index_group"][row] > 0][0] - gap:][
+              :gap + 1].tolist())  # the first question keeps its answer whole
+      for (end, _), tokens in zip(example.answer_gaps, rest, strict=True):
+        # The index follows the question's last event word, then the template's last `gap`.
+        last_word = example.text[:end].split()[-1]
+        assert tokens[0] == "▁" + last_word and tokens[1:] == template[len(template) - gap:]
+      # Official questions may go on after their last event; words follow-ups end with it.
+      assert dropped >= follow_ups * (len(template) + 1 - gap)
+      if follow_ups == "words":
+        assert dropped == follow_ups * (len(template) + 1 - gap)
+      # The question's event tokens are still supervised, the dropped template's never.
+      assert batch["is_question"][row].sum() == full["is_question"][row].sum()

@@ -72,6 +72,15 @@ class TextWorldConfig:
   # streams always have full lists.
   min_candidates: int = 0
   curriculum_steps: int = 0
+  # A curriculum on where the follow-ups' index is read (`encode_batch(answer_gap=...)`): with
+  # `answer_gap_every` > 0, a training row's follow-up answers its index straight after the
+  # question's last event word until step `answer_gap_from`; then what stands in between (after
+  # a words follow-up, the template ". [/INST] The video ", 9 tokens) comes back one token every
+  # `answer_gap_every` steps, the one next to the index first. `scripts/probe_lookup.py
+  # --gap_every` measured why: one template token there stops the lookup from being learnt at
+  # all, a gap grown token by token carries it over. Held-out rows always have it whole.
+  answer_gap_from: int = 0
+  answer_gap_every: int = 0
 
   def __post_init__(self):
     if self.min_candidates and not 2 <= self.min_candidates <= self.num_candidates:
@@ -79,6 +88,9 @@ class TextWorldConfig:
                        f"[2, num_candidates={self.num_candidates}]")
     if self.follow_ups not in FOLLOW_UPS:
       raise ValueError(f"world.follow_ups must be one of {FOLLOW_UPS}, got {self.follow_ups!r}")
+    if self.answer_gap_from < 0 or self.answer_gap_every < 0:
+      raise ValueError(f"world.answer_gap_from ({self.answer_gap_from}) and answer_gap_every "
+                       f"({self.answer_gap_every}) must be >= 0")
 
   def candidates_at(self, step: int) -> int:
     """The list length of training step `step`."""
@@ -86,6 +98,15 @@ class TextWorldConfig:
       return self.num_candidates
     grow = (self.num_candidates - self.min_candidates) * step / self.curriculum_steps
     return self.min_candidates + int(grow)
+
+  def answer_gap_at(self, step: int) -> int | None:
+    """How many template tokens training step `step` keeps before a follow-up's index (None:
+    all of them, the curriculum is off)."""
+    if not self.answer_gap_every:
+      return None
+    if step < self.answer_gap_from:
+      return 0
+    return 1 + (step - self.answer_gap_from) // self.answer_gap_every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +136,9 @@ class TextExample:
   # "cyan square moves from left to right"): the words of a question that the list determines
   # once the question has started, without the template around them.
   question_event_spans: tuple[tuple[int, int], ...] = ()
+  # Per follow-up, the character ending its question's last event phrase and its index's first
+  # digit: the template between them is what `encode_batch(answer_gap=...)` shortens.
+  answer_gaps: tuple[tuple[int, int], ...] = ()
 
 
 class TextWorld:
@@ -135,6 +159,11 @@ class TextWorld:
     self.maker.rng = np.random.default_rng([self.cfg.seed, 3, self.stream, step])
     k = self.cfg.candidates_at(step) if self.stream == 0 else self.cfg.num_candidates
     return [self._example(k) for _ in range(count)]
+
+  def answer_gap(self, step: int) -> int | None:
+    """The template tokens kept before the follow-ups' indices at `step` (`encode_batch`'s
+    `answer_gap`): the curriculum's for training, the whole template held out."""
+    return self.cfg.answer_gap_at(step) if self.stream == 0 else None
 
   def _frame_times(self, spec: toy_corpus.VideoSpec) -> list[float]:
     """The times of the frames an evaluation samples (`uniform`)."""
@@ -203,20 +232,23 @@ class TextWorld:
     for j, v in enumerate(videos):  # the blocks, in order: candidates up to this one
       look_up(v, lookups[-1][0] if lookups else 0, j + 1, None)
     in_blocks = len(lookups)
+    answer_gaps = []
     for q, i in enumerate(asked):  # each question follows the previous answer
       in_words = q and cfg.follow_ups == "words"
       look_up(videos[i], spans[q - 1][1] if q else 0, len(videos),
               None if in_words else toy_corpus.MOTIONS)
+      if q:
+        answer_gaps.append((phrase_spans[-1][1], index_chars[q]))
     groups = [f"{'follow' if q else 'first'}{len(self.specs[videos[i]].events)}"
               for q, i in enumerate(asked)]
     return TextExample(text, tuple(spans), tuple(index_chars), tuple(groups), tuple(span_chars),
                        tuple(lookups), in_blocks, tuple(question_spans),
-                       tuple(phrase_spans[in_blocks:]))
+                       tuple(phrase_spans[in_blocks:]), tuple(answer_gaps))
 
 
 def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, positions: int,
-                 lookups: int = 0, num_candidates: int = 10, questions: str = ""
-                 ) -> dict[str, np.ndarray]:
+                 lookups: int = 0, num_candidates: int = 10, questions: str = "",
+                 answer_gap: int | None = None) -> dict[str, np.ndarray]:
   """Fixed-shape rows: `ids [B, seq_len]` and, per row, `positions` supervised slots
   (`position`: the token whose logits predict `label`; `weight` 1 on the answers' tokens, 0
   elsewhere; `index_group` is 1 + the `INDEX_GROUPS` entry of the slot of an index's first
@@ -226,7 +258,9 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
   of the events in the blocks and in the questions (`TextExample.lookups`; `lookup_position`:
   the token ending the event's phrase; `lookup_target [B, lookups, num_candidates]`: 1 for each
   candidate written before it that shows the event; `lookup_weight`; `lookup_in_question`: 1 for
-  a question's).
+  a question's). With `answer_gap` set, each follow-up keeps only that many of the template
+  tokens between its question's last event and its index (the ones next to the index;
+  `TextWorldConfig.answer_gap_from`): the others are left out of the row.
 
   Rows longer than `seq_len + 1` tokens are cut (their later answers are not supervised) and
   rows with more supervised tokens than `positions` (or events than `lookups`, when it is not
@@ -250,8 +284,10 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
              lookup_in_question=np.zeros((b, lookups), np.float32))
   cut = 0
   for row, example in enumerate(examples):
-    tokens = enc["input_ids"][row]
-    starts = [s for s, _ in enc["offset_mapping"][row]]
+    tokens, offsets = enc["input_ids"][row], enc["offset_mapping"][row]
+    if answer_gap is not None:
+      tokens, offsets = _shorten_answer_gaps(tokens, offsets, example.answer_gaps, answer_gap)
+    starts = [s for s, _ in offsets]
     kept = tokens[:seq_len + 1]
     out["ids"][row, :len(kept) - 1] = kept[:-1]
     index = {bisect.bisect_right(starts, c) - 1: 1 + INDEX_GROUPS.index(g)
@@ -262,7 +298,7 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
                 if 0 < t < len(kept)]
     supervised = list(answered)
     if questions:  # every token overlapping a range ("▁I" starts at the space before "I")
-      ends = [e for _, e in enc["offset_mapping"][row]]
+      ends = [e for _, e in offsets]
       ranges = (example.question_spans if questions == "all"
                 else example.question_event_spans)
       supervised += [t for lo, hi in ranges
@@ -287,3 +323,17 @@ def encode_batch(examples: Sequence[TextExample], tokenizer, *, seq_len: int, po
       out["lookup_in_question"][row, slot] = slot >= example.block_lookups
   out["cut_rows"] = np.asarray(cut, np.int32)
   return out
+
+
+def _shorten_answer_gaps(tokens: list[int], offsets: list[tuple[int, int]],
+                         gaps: Sequence[tuple[int, int]], keep: int
+                         ) -> tuple[list[int], list[tuple[int, int]]]:
+  """`tokens` and their character `offsets` without the template tokens of each gap (a token
+  starting at or after the gap's first character and before its index's) but the last `keep`."""
+  starts = [s for s, _ in offsets]
+  dropped = set()
+  for first, index in gaps:
+    lo, hi = bisect.bisect_left(starts, first), bisect.bisect_left(starts, index)
+    dropped.update(range(lo, max(lo, hi - keep)))
+  kept = [t for t in range(len(tokens)) if t not in dropped]
+  return [tokens[t] for t in kept], [offsets[t] for t in kept]

@@ -81,7 +81,8 @@ def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
     return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions,
                                  lookups=d.lookups, num_candidates=config.world.num_candidates,
                                  questions=(config.train.question_tokens
-                                            if config.train.question_weight > 0 else ""))
+                                            if config.train.question_weight > 0 else ""),
+                                 answer_gap=world.answer_gap(step))
 
   return batch_at
 
@@ -166,6 +167,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   graphdef, llm = nnx.split(model)
   params = {"llm": llm, "probe": init_probe(config)}
   tx = optimizer.make_optimizer(tc)
+  world_cfg = world_config(config)
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   logging.info("toy LLM: %s parameters", f"{sum(x.size for x in jax.tree.leaves(llm)):,}")
 
@@ -218,6 +220,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
           raise NonFiniteLossError(f"toy LLM loss or gradient non-finite before step {step}; "
                                    f"the last good checkpoint is step {ckpt.latest_step()}")
         row["lr"] = float(optimizer.learning_rate(tc)(i))
+        if (gap := world_cfg.answer_gap_at(i)) is not None:
+          row["answer_gap"] = gap
         row["cut_rows"] = cut / (len(rows) * tc.batch_size)
         row["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
         if due_eval:
