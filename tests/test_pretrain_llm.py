@@ -50,6 +50,22 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_the_loss_falls(tmp_p
   assert not any(k.endswith(("/hits", "/count")) for k in rows[-1])
 
 
+def test_the_answer_gap_curriculum_is_logged_and_measured_where_training_reads(tmp_path,
+                                                                             tokenizer):
+  config = _config(num_steps=8, log_every=4, eval_every=4, checkpoint_every=8).unlock()
+  config.world.update(dict(follow_ups="words", answer_gap_from=4, answer_gap_every=2))
+  config = config.lock()
+  train_at = text_pretraining.batches(config, tokenizer)
+  heldout_at = text_pretraining.batches(config, tokenizer, text_pretraining.HELDOUT_STREAM)
+  length = lambda batch: int((batch["ids"] != tokenizer.eos_token_id).sum())
+  assert length(heldout_at(0, gap_of=0)) < length(heldout_at(0))  # held out: whole by default
+  assert length(train_at(0)) == length(train_at(0, gap_of=0)) < length(train_at(0, gap_of=99))
+  text_pretraining.pretrain(config, str(tmp_path), tokenizer)
+  rows = read_json(str(tmp_path / "train_history.json"))
+  assert [(r["step"], r["answer_gap"]) for r in rows] == [(4, 0), (8, 2)]
+  assert {"heldout_gap_index_acc", "heldout_gap_index_acc_follow"} <= set(rows[-1])
+
+
 def test_the_lookup_probe_adds_its_loss_and_its_gradient_reaches_the_llm(tokenizer):
   config = _config()
   graphdef, llm = nnx.split(text_pretraining.build_model(config, len(tokenizer)))

@@ -71,18 +71,21 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
 
 
 def batches(config: ml_collections.ConfigDict, tokenizer, stream: int = 0
-            ) -> Callable[[int], dict[str, np.ndarray]]:
-  """`batch_at(step)`: the encoded batch of `step` in `stream`, the same on every call."""
+            ) -> Callable[..., dict[str, np.ndarray]]:
+  """`batch_at(step, gap_of=None)`: the encoded batch of `step` in `stream`, the same on every
+  call; with `gap_of`, the follow-ups keep the template of training step `gap_of` (the
+  world's `answer_gap_at`) instead of the stream's own."""
   world = toy_text.TextWorld(world_config(config), stream)
   d = config.data
 
-  def batch_at(step: int) -> dict[str, np.ndarray]:
+  def batch_at(step: int, gap_of: int | None = None) -> dict[str, np.ndarray]:
     examples = world.examples(step, config.train.batch_size)
+    gap = world.answer_gap(step) if gap_of is None else world.cfg.answer_gap_at(gap_of)
     return toy_text.encode_batch(examples, tokenizer, seq_len=d.seq_len, positions=d.positions,
                                  lookups=d.lookups, num_candidates=config.world.num_candidates,
                                  questions=(config.train.question_tokens
                                             if config.train.question_weight > 0 else ""),
-                                 answer_gap=world.answer_gap(step))
+                                 answer_gap=gap)
 
   return batch_at
 
@@ -188,10 +191,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   heldout_at = batches(config, tokenizer, HELDOUT_STREAM)
   heldout = [heldout_at(i) for i in range(config.data.heldout_batches)]
 
-  def measure(params) -> dict[str, float]:
-    rows = [{k: float(v) for k, v in jax.device_get(measure_fn(params, _device_batch(b))).items()}
-            for b in heldout]
-    return {f"heldout_{k}": v for k, v in _pool(rows).items()}
+  def measure(params, gap_of: int) -> dict[str, float]:
+    """The held-out stream's figures (`heldout_*`, the whole template); while the follow-ups'
+    template is being grown, also the index accuracies on the held-out lists with the gap of
+    training step `gap_of` (`heldout_gap_*`: is the lookup learnt where training reads it?)."""
+    pooled = lambda rows: _pool([{k: float(v) for k, v in jax.device_get(
+        measure_fn(params, _device_batch(b))).items()} for b in rows])
+    out = {f"heldout_{k}": v for k, v in pooled(heldout).items()}
+    if world_cfg.answer_gap_at(gap_of) is not None:
+      gapped = [heldout_at(i, gap_of=gap_of) for i in range(config.data.heldout_batches)]
+      out.update({f"heldout_gap_{k}": v for k, v in pooled(gapped).items()
+                  if k.startswith("index_acc")})
+    return out
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
@@ -225,7 +236,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
         row["cut_rows"] = cut / (len(rows) * tc.batch_size)
         row["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
         if due_eval:
-          last = measure(state["params"])
+          last = measure(state["params"], i)
           row.update(last)
         history.add(step, row)
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
@@ -236,5 +247,5 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
     ckpt.close()
     history.close()
   if not last:  # resumed at the end: measure what was restored
-    last = measure(state["params"])
+    last = measure(state["params"], end - 1)
   return nnx.merge(graphdef, state["params"]["llm"]), {"step": end, **last}
