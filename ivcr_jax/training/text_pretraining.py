@@ -26,6 +26,11 @@ With `train.question_weight` > 0 the user's questions' tokens are trained too: a
 cyan square" the next word is the listed cyan square's motion, so each question also asks one
 lookup per attribute it names (`scripts/probe_lookup.py --question_weight` measures the effect on
 the answers' accuracy in a token-level version of the lists).
+
+With `world.answer_gap_every` > 0 the training rows' follow-ups read their index right after the
+question and the answer template is grown back token by token (`toy_text.TextWorldConfig`);
+`heldout_gap_index_acc*` then measure the held-out lists in that form, beside the whole-template
+`heldout_*`.
 """
 
 from __future__ import annotations
