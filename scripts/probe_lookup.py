@@ -2,7 +2,8 @@
 
 A token-level model of the text world's retrieval question (issue #13): `--blocks` candidate
 blocks in the official layout, `<VID> k </VID> [<VIDEO>] event </VIDEO>`, then `--questions`
-questions `FIND event k`, each about one block (`--answer_gap G`: G template tokens before k).
+questions `FIND event k`, each about one block (`--answer_gap G`: G template tokens before k;
+`--events 1,3`: blocks of one to three events, a question naming all of its block's).
 An event is one token from an alphabet of `--alphabet`, or with `--attrs 8,3,5` one token per
 attribute ("colour shape motion", the text world's 120 combinations), distinct within a list;
 `--lookalike P` draws each distractor, with probability P, from an earlier one with one attribute
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--alphabet", type=int, default=38, help="event tokens (without --attrs)")
   p.add_argument("--attrs", default="", help="values per attribute, e.g. 8,3,5")
   p.add_argument("--lookalike", type=float, default=0.0)
+  p.add_argument("--events", default="1,1",
+                 help="LO,HI: events per block, drawn uniformly (the text world has 1-3); a "
+                 "question names all of its block's events, and only blocks whose events no "
+                 "other block shows all of are asked about")
   p.add_argument("--video_marker", action="store_true", help="write <VIDEO> before the event")
   p.add_argument("--block_event", default="words", choices=BLOCK_EVENTS,
                  help="how a block shows its event (module docstring); questions use words")
@@ -86,29 +91,59 @@ class Lists:
   def __init__(self, args: argparse.Namespace, seed: int):
     self.args = args
     self.sizes = [int(n) for n in args.attrs.split(",")] if args.attrs else [args.alphabet]
+    self.min_events, self.max_events = (int(n) for n in args.events.split(","))
+    if not 1 <= self.min_events <= self.max_events:
+      raise ValueError(f"--events {args.events}: want LO,HI with 1 <= LO <= HI")
+    if self.max_events > 1 and args.block_event != "words":
+      raise ValueError("--block_event token/sum show one event per block: use --events 1,1")
     self.offsets = np.cumsum([0, *self.sizes])[:-1]
     self.combos = EVENT + sum(self.sizes)  # --block_event token: combination c is combos + c
     self.gap = self.combos + (int(np.prod(self.sizes)) if args.block_event == "token" else 0)
-    self.vocab = self.gap + args.answer_gap  # --answer_gap: template token j is gap + j
+    self.sep = self.gap + args.answer_gap  # between a block's (or a question's) events
+    self.vocab = self.sep + (self.max_events > 1)  # --answer_gap: template token j is gap + j
     width = len(self.sizes)
     shown = width if args.block_event == "words" else 1
-    self.length = (1 + args.blocks * (4 + args.video_marker + shown)
-                   + args.questions * (2 + width + args.answer_gap))
+    self.length = (1 + args.blocks * (4 + args.video_marker + shown * self.max_events
+                                      + self.max_events - 1)
+                   + args.questions * (2 + width * self.max_events + self.max_events - 1
+                                       + args.answer_gap))
     self.rng = np.random.default_rng(seed)
 
-  def events(self) -> list[tuple[int, ...]]:
-    """`blocks` distinct events; look-alikes copy an earlier one and change one attribute."""
-    out: list[tuple[int, ...]] = []
+  def _event(self) -> tuple[int, ...]:
+    return tuple(int(o + self.rng.integers(n)) for o, n in zip(self.offsets, self.sizes,
+                                                                strict=True))
+
+  def events(self) -> list[tuple[tuple[int, ...], ...]]:
+    """`blocks` blocks of distinct events; a look-alike copies an earlier block and changes one
+    attribute of one of its events."""
+    out: list[tuple[tuple[int, ...], ...]] = []
+    several = self.max_events > 1
     while len(out) < self.args.blocks:
       if out and self.rng.random() < self.args.lookalike:
-        event = list(out[self.rng.integers(len(out))])
+        block = [list(e) for e in out[self.rng.integers(len(out))]]
+        event = block[self.rng.integers(len(block))] if several else block[0]
         j = self.rng.integers(len(self.sizes))
         event[j] = int(self.offsets[j] + self.rng.integers(self.sizes[j]))
+        block = [tuple(e) for e in block]
       else:
-        event = [int(o + self.rng.integers(n))
-                 for o, n in zip(self.offsets, self.sizes, strict=True)]
-      if tuple(event) not in out:
-        out.append(tuple(event))
+        count = int(self.rng.integers(self.min_events, self.max_events + 1)) if several else 1
+        block = [self._event() for _ in range(count)]
+      if len(set(block)) == len(block) and tuple(block) not in out:
+        out.append(tuple(block))
+    return out
+
+  @staticmethod
+  def named(blocks: list[tuple[tuple[int, ...], ...]]) -> list[int]:
+    """The blocks a question naming all of their events singles out: no other block shows all
+    of them."""
+    return [k for k, b in enumerate(blocks)
+            if not any(set(b) <= set(c) for j, c in enumerate(blocks) if j != k)]
+
+  def words(self, block: tuple[tuple[int, ...], ...]) -> list[int]:
+    """A block's (or a question's) events as attribute tokens, separated."""
+    out: list[int] = []
+    for e, event in enumerate(block):
+      out += [self.sep] * (e > 0) + [EVENT + t for t in event]
     return out
 
   def block_tokens(self, event: tuple[int, ...]) -> list[int]:
@@ -137,17 +172,21 @@ class Lists:
     for row in range(batch):
       events = self.events()
       seq = [BOS]
-      for k, event in enumerate(events):
+      for k, block in enumerate(events):
         seq += [VID, INDEX + k, END_VID, *[VIDEO] * a.video_marker]
         if a.block_event == "sum":
-          added[row, len(seq)] = [EVENT + t for t in event[1:]]
-        seq += self.block_tokens(event) + [END_VIDEO]
-      for k in self.rng.integers(a.blocks, size=a.questions):
-        first = len(seq) + 1
-        seq += [FIND, *[EVENT + t for t in events[k]]]
+          added[row, len(seq)] = [EVENT + t for t in block[0][1:]]
+        seq += (self.block_tokens(block[0]) if a.block_event != "words" else self.words(block))
+        seq += [END_VIDEO]
+      named = self.named(events)
+      for k in (named[int(i)] for i in self.rng.integers(len(named), size=a.questions)):
+        seq.append(FIND)
+        for e, event in enumerate(events[k]):
+          first = len(seq) + (e > 0)  # after the separator
+          seq += [self.sep] * (e > 0) + [EVENT + t for t in event]
+          question[row, first:first + len(self.sizes) - 1] = 1.0  # its 2nd, 3rd, ... attribute
         seq += [self.gap + j for j in range(gap)] + [INDEX + k]
         answer[row, len(seq) - 2] = 1.0
-        question[row, first:first + len(self.sizes) - 1] = 1.0  # the 2nd, 3rd, ... attribute
       ids[row, :len(seq)] = seq
     out = {"ids": ids, "answer": answer, "question": question}
     if a.block_event == "sum":

@@ -271,3 +271,40 @@ def test_probe_lookup_gap_curriculum_grows_one_token_at_a_time():
   at_once = pl.parse_args(["--answer_gap", "3", "--gap_from", "10"])
   assert [pl.train_gap(at_once, i) for i in (9, 10)] == [0, 3]
   assert pl.train_gap(pl.parse_args(["--answer_gap", "2"]), 0) == 2  # no curriculum
+
+
+def test_probe_lookup_blocks_of_several_events_are_asked_by_all_of_them():
+  """--events 1,3: blocks of one to three events (separated), each question naming every event
+  of a block that no other block shows all of, the 2nd and 3rd attribute of each event the
+  question targets."""
+  pl = probe_lookup
+  args = pl.parse_args(["--attrs", "8,3,5", "--lookalike", "0.5", "--events", "1,3",
+                        "--blocks", "6", "--questions", "5"])
+  lists = pl.Lists(args, seed=3)
+  assert lists.vocab == lists.sep + 1
+  batch = {k: np.asarray(v) for k, v in lists(8).items()}
+  counts = set()
+  for ids, answer, question in zip(batch["ids"], batch["answer"], batch["question"], strict=True):
+    starts, ends = np.flatnonzero(ids == pl.VID), np.flatnonzero(ids == pl.END_VIDEO)
+    blocks = {int(ids[s + 1]) - pl.INDEX: tuple(ids[s + 3:e]) for s, e in zip(starts, ends,
+                                                                            strict=True)}
+    as_sets = {k: {tuple(e) for e in np.split(np.asarray(b), np.flatnonzero(np.asarray(b)
+                                                                             == lists.sep))}
+               for k, b in blocks.items()}
+    as_sets = {k: {e[1:] if e[0] == lists.sep else e for e in v} for k, v in as_sets.items()}
+    assert all(len(e) == 3 for v in as_sets.values() for e in v)
+    counts |= {len(v) for v in as_sets.values()}
+    asked = np.flatnonzero(answer)
+    assert len(asked) == 5
+    for t in asked:
+      k = int(ids[t + 1]) - pl.INDEX
+      words = blocks[k]
+      assert tuple(ids[t - len(words) + 1:t + 1]) == words  # the block's events, in order
+      assert ids[t - len(words)] == pl.FIND
+      assert not any(as_sets[k] <= s for j, s in as_sets.items() if j != k)
+      marked = np.flatnonzero(question[t - len(words):t + 1]) + t - len(words)
+      assert len(marked) == 2 * len(as_sets[k])
+      assert all(pl.EVENT <= ids[m] and ids[m + 1] != lists.sep for m in marked)
+  assert counts == {1, 2, 3}
+  with pytest.raises(ValueError, match="one event per block"):
+    pl.Lists(pl.parse_args(["--attrs", "8,3,5", "--events", "1,3", "--block_event", "sum"]), 0)
