@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--block_event", default="words", choices=BLOCK_EVENTS,
                  help="how a block shows its event (module docstring); questions use words")
   p.add_argument("--question_weight", type=float, default=0.0)
+  p.add_argument("--events_every", type=int, default=0,
+                 help="a curriculum: training blocks have at most 1 + step // this many events "
+                 "(up to --events' HI; held-out lists have them all; 0: off)")
   p.add_argument("--answer_gap", type=int, default=0,
                  help="template tokens between a question's last event and its answer k (the "
                  "text world writes '. [/INST] The video' and a space there)")
@@ -113,11 +116,12 @@ class Lists:
     return tuple(int(o + self.rng.integers(n)) for o, n in zip(self.offsets, self.sizes,
                                                                 strict=True))
 
-  def events(self) -> list[tuple[tuple[int, ...], ...]]:
-    """`blocks` blocks of distinct events; a look-alike copies an earlier block and changes one
-    attribute of one of its events."""
+  def events(self, most: int | None = None) -> list[tuple[tuple[int, ...], ...]]:
+    """`blocks` blocks of distinct events (at most `most`, default --events' HI); a look-alike
+    copies an earlier block and changes one attribute of one of its events."""
     out: list[tuple[tuple[int, ...], ...]] = []
     several = self.max_events > 1
+    most = self.max_events if most is None else max(self.min_events, min(most, self.max_events))
     while len(out) < self.args.blocks:
       if out and self.rng.random() < self.args.lookalike:
         block = [list(e) for e in out[self.rng.integers(len(out))]]
@@ -126,7 +130,7 @@ class Lists:
         event[j] = int(self.offsets[j] + self.rng.integers(self.sizes[j]))
         block = [tuple(e) for e in block]
       else:
-        count = int(self.rng.integers(self.min_events, self.max_events + 1)) if several else 1
+        count = int(self.rng.integers(self.min_events, most + 1)) if several else 1
         block = [self._event() for _ in range(count)]
       if len(set(block)) == len(block) and tuple(block) not in out:
         out.append(tuple(block))
@@ -157,12 +161,14 @@ class Lists:
     values = [t - o for t, o in zip(event, self.offsets, strict=True)]
     return [self.combos + int(np.ravel_multi_index(values, self.sizes))]
 
-  def __call__(self, batch: int, gap: int | None = None) -> dict[str, jax.Array]:
+  def __call__(self, batch: int, gap: int | None = None, most_events: int | None = None
+               ) -> dict[str, jax.Array]:
     """`ids`, per position `answer` (1 where the next token is an answer's index) and
     `question` (1 where it is a question's next attribute), and with `--block_event sum`
     `added`: `[batch, length, attributes - 1]` tokens whose embeddings are added to the
     position's (-1: none). `gap`: template tokens before k (default `--answer_gap`; rows with
-    fewer end in padding that nothing is predicted from)."""
+    fewer end in padding that nothing is predicted from). `most_events`: at most this many
+    events per block (default --events' HI)."""
     a = self.args
     gap = a.answer_gap if gap is None else gap
     ids = np.zeros((batch, self.length), np.int32)
@@ -170,7 +176,7 @@ class Lists:
     question = np.zeros((batch, self.length), np.float32)
     added = np.full((batch, self.length, len(self.sizes) - 1), -1, np.int32)
     for row in range(batch):
-      events = self.events()
+      events = self.events(most_events)
       seq = [BOS]
       for k, block in enumerate(events):
         seq += [VID, INDEX + k, END_VID, *[VIDEO] * a.video_marker]
@@ -201,6 +207,11 @@ def train_gap(args: argparse.Namespace, step: int) -> int:
   if not args.gap_every:
     return args.answer_gap
   return min(args.answer_gap, 1 + (step - args.gap_from) // args.gap_every)
+
+
+def train_events(args: argparse.Namespace, step: int) -> int | None:
+  """The most events a training block of step `step` has (None: --events' HI)."""
+  return 1 + step // args.events_every if args.events_every else None
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> float:
   opt, window, start, heldout = tx.init(params), [], time.perf_counter(), float("nan")
   for i in range(args.steps):
     gap = train_gap(args, i)
-    params, opt, loss, accuracy = step(params, opt, train_lists(args.batch, gap))
+    batch = train_lists(args.batch, gap, train_events(args, i))
+    params, opt, loss, accuracy = step(params, opt, batch)
     window.append(float(accuracy))
     if (i + 1) % args.report_every == 0:
       heldout = float(measure(params, heldout_lists(128)))

@@ -306,5 +306,10 @@ def test_probe_lookup_blocks_of_several_events_are_asked_by_all_of_them():
       assert len(marked) == 2 * len(as_sets[k])
       assert all(pl.EVENT <= ids[m] and ids[m + 1] != lists.sep for m in marked)
   assert counts == {1, 2, 3}
+  single = np.asarray(lists(4, most_events=1)["ids"])  # the curriculum's start
+  assert not (single == lists.sep).any() and (single == pl.VID).sum() == 4 * 6
+  ramp = pl.parse_args(["--events", "1,3", "--events_every", "100"])
+  assert [pl.train_events(ramp, i) for i in (0, 99, 100, 250)] == [1, 1, 2, 3]
+  assert pl.train_events(args, 5) is None
   with pytest.raises(ValueError, match="one event per block"):
     pl.Lists(pl.parse_args(["--attrs", "8,3,5", "--events", "1,3", "--block_event", "sum"]), 0)
