@@ -50,10 +50,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights_and_the_loss_falls(tmp_p
   assert not any(k.endswith(("/hits", "/count")) for k in rows[-1])
 
 
-def test_the_answer_gap_curriculum_is_logged_and_measured_where_training_reads(tmp_path,
+def test_the_curricula_are_logged_and_the_gap_measured_where_training_reads_it(tmp_path,
                                                                              tokenizer):
   config = _config(num_steps=8, log_every=4, eval_every=4, checkpoint_every=8).unlock()
-  config.world.update(dict(follow_ups="words", answer_gap_from=4, answer_gap_every=2))
+  config.world.update(dict(follow_ups="words", answer_gap_from=4, answer_gap_every=2,
+                           events_every=4))
   config = config.lock()
   train_at = text_pretraining.batches(config, tokenizer)
   heldout_at = text_pretraining.batches(config, tokenizer, text_pretraining.HELDOUT_STREAM)
@@ -62,7 +63,8 @@ def test_the_answer_gap_curriculum_is_logged_and_measured_where_training_reads(t
   assert length(train_at(0)) == length(train_at(0, gap_of=0)) < length(train_at(0, gap_of=99))
   text_pretraining.pretrain(config, str(tmp_path), tokenizer)
   rows = read_json(str(tmp_path / "train_history.json"))
-  assert [(r["step"], r["answer_gap"]) for r in rows] == [(4, 0), (8, 2)]
+  assert [(r["step"], r["answer_gap"], r["most_events"]) for r in rows] == [(4, 0, 1),
+                                                                             (8, 2, 2)]
   assert {"heldout_gap_index_acc", "heldout_gap_index_acc_follow"} <= set(rows[-1])
 
 

@@ -256,3 +256,21 @@ def test_the_answer_gap_curriculum_shortens_only_the_follow_ups_template(follow_
         assert dropped == follow_ups * (len(template) + 1 - gap)
       # The question's event tokens are still supervised, the dropped template's never.
       assert batch["is_question"][row].sum() == full["is_question"][row].sum()
+
+
+def test_the_events_curriculum_draws_lists_of_videos_with_few_events_first():
+  cfg = toy_text.TextWorldConfig(num_videos=400, events_every=10)
+  assert [cfg.events_at(s) for s in (0, 9, 10, 25)] == [1, 1, 2, 3]
+  assert toy_text.TextWorldConfig().events_at(5) is None
+  with pytest.raises(ValueError, match="events_every"):
+    toy_text.TextWorldConfig(events_every=-1)
+  most = lambda world, step: max(len(_events(words)) for e in world.examples(step, 6)
+                                 for _, words in BLOCK.findall(e.text))
+  train, held_out = toy_text.TextWorld(cfg), toy_text.TextWorld(cfg, stream=1)
+  assert [most(train, s) for s in (0, 10, 20)] == [1, 2, 3]
+  assert most(held_out, 0) == 3
+  for example in train.examples(0, 4):  # one-event lists still ask about every candidate
+    turns = TURN.findall(example.text)
+    assert len(BLOCK.findall(turns[0][0])) == 10
+    assert all(len(_asked(q)) == 1 for q, a in turns if "Current video" not in q
+               and "moment" not in a)

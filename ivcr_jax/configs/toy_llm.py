@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=987654,  # the text world's own videos (toy_text.TextWorldConfig)
       num_videos=4000, num_candidates=10, retrieval_questions=8, moment_questions=2, frames=8,
       follow_ups="official", min_candidates=0, curriculum_steps=0,
-      answer_gap_from=0, answer_gap_every=0))  # the follow-ups' template curriculum (off)
+      answer_gap_from=0, answer_gap_every=0,  # the follow-ups' template curriculum (off)
+      events_every=0))  # the curriculum on the videos' events per block (off)
   c.data = ml_collections.ConfigDict(dict(
       seq_len=768,  # tokens per row; longer examples are cut (counted in `cut_rows`)
       positions=320,  # supervised tokens per row

@@ -253,13 +253,15 @@ class DialogueMaker:
   def _pick(self, options: Sequence[str]) -> str:
     return options[int(self.rng.integers(len(options)))]
 
-  def retrieve(self, gt: int, rank: int | None = None, num_candidates: int | None = None
-               ) -> tuple[list[str], int]:
+  def retrieve(self, gt: int, rank: int | None = None, num_candidates: int | None = None,
+               among: np.ndarray | None = None) -> tuple[list[str], int]:
     """Simulated retriever top-k for a query describing video `gt`: (paths, 1-based GT rank).
-    `num_candidates` overrides the config's k (the rank prior is then renormalised over k)."""
+    `num_candidates` overrides the config's k (the rank prior is then renormalised over k);
+    `among`, a mask over the videos, limits the distractors to those it marks."""
     overlap = lambda m: m @ m[gt]
     # Videos holding every event of the query (the GT itself included) would match it too.
-    eligible = np.flatnonzero(overlap(self._events) < len(self.event_sets[gt]))
+    holds_all = overlap(self._events) >= len(self.event_sets[gt])
+    eligible = np.flatnonzero(~holds_all if among is None else ~holds_all & among)
     k = num_candidates or self.cfg.num_candidates
     if len(eligible) < k - 1:
       raise ValueError(f"only {len(eligible)} videos can be distractors of {self.specs[gt].path}")

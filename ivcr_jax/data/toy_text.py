@@ -81,6 +81,12 @@ class TextWorldConfig:
   # all, a gap grown token by token carries it over. Held-out rows always have it whole.
   answer_gap_from: int = 0
   answer_gap_every: int = 0
+  # A curriculum on the videos' events (1-3 each): with `events_every` > 0, training step s draws
+  # its lists (the asked video and its distractors) from the videos of at most 1 + s //
+  # `events_every` events. `scripts/probe_lookup.py --events_every` measured why: a question
+  # naming several events of a block is learnt later than one naming one event, and much
+  # earlier after the one-event lookup. Held-out lists draw from every video.
+  events_every: int = 0
 
   def __post_init__(self):
     if self.min_candidates and not 2 <= self.min_candidates <= self.num_candidates:
@@ -88,6 +94,8 @@ class TextWorldConfig:
                        f"[2, num_candidates={self.num_candidates}]")
     if self.follow_ups not in FOLLOW_UPS:
       raise ValueError(f"world.follow_ups must be one of {FOLLOW_UPS}, got {self.follow_ups!r}")
+    if self.events_every < 0:
+      raise ValueError(f"world.events_every must be >= 0, got {self.events_every}")
     if self.answer_gap_from < 0 or self.answer_gap_every < 0:
       raise ValueError(f"world.answer_gap_from ({self.answer_gap_from}) and answer_gap_every "
                        f"({self.answer_gap_every}) must be >= 0")
@@ -98,6 +106,10 @@ class TextWorldConfig:
       return self.num_candidates
     grow = (self.num_candidates - self.min_candidates) * step / self.curriculum_steps
     return self.min_candidates + int(grow)
+
+  def events_at(self, step: int) -> int | None:
+    """The most events a video of training step `step`'s lists has (None: no limit)."""
+    return 1 + step // self.events_every if self.events_every else None
 
   def answer_gap_at(self, step: int) -> int | None:
     """How many template tokens training step `step` keeps before a follow-up's index (None:
@@ -154,11 +166,15 @@ class TextWorld:
     self.specs = toy_corpus.make_video_specs(corpus)
     self.maker = toy_corpus.DialogueMaker(self.specs, corpus)
     self.by_path = {s.path: i for i, s in enumerate(self.specs)}
+    self.event_counts = np.asarray([len(s.events) for s in self.specs])
 
   def examples(self, step: int, count: int) -> list[TextExample]:
     self.maker.rng = np.random.default_rng([self.cfg.seed, 3, self.stream, step])
-    k = self.cfg.candidates_at(step) if self.stream == 0 else self.cfg.num_candidates
-    return [self._example(k) for _ in range(count)]
+    held_out = self.stream != 0
+    k = self.cfg.num_candidates if held_out else self.cfg.candidates_at(step)
+    most = None if held_out else self.cfg.events_at(step)
+    pool = None if most is None else self.event_counts <= most
+    return [self._example(k, pool) for _ in range(count)]
 
   def answer_gap(self, step: int) -> int | None:
     """The template tokens kept before the follow-ups' indices at `step` (`encode_batch`'s
@@ -170,10 +186,16 @@ class TextWorld:
     return [int(i) / spec.fps for i in sample_indices(spec.num_frames, self.cfg.frames,
                                                        "uniform")]
 
-  def _example(self, num_candidates: int) -> TextExample:
+  def _example(self, num_candidates: int, pool: np.ndarray | None = None) -> TextExample:
+    """One list of `num_candidates` (of the videos `pool` marks, default all) and its
+    questions."""
     maker, rng, cfg = self.maker, self.maker.rng, self.cfg
-    gt = int(rng.integers(len(self.specs)))
-    paths, rank = maker.retrieve(gt, num_candidates=num_candidates)
+    if pool is None:
+      gt = int(rng.integers(len(self.specs)))
+    else:
+      allowed = np.flatnonzero(pool)
+      gt = int(allowed[rng.integers(len(allowed))])
+    paths, rank = maker.retrieve(gt, num_candidates=num_candidates, among=pool)
     videos = [self.by_path[p] for p in paths]
     content = prompt.candidates_content("", num_candidates)
     for v in videos:

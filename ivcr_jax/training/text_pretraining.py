@@ -238,6 +238,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
         row["lr"] = float(optimizer.learning_rate(tc)(i))
         if (gap := world_cfg.answer_gap_at(i)) is not None:
           row["answer_gap"] = gap
+        if (most := world_cfg.events_at(i)) is not None:
+          row["most_events"] = most
         row["cut_rows"] = cut / (len(rows) * tc.batch_size)
         row["steps_per_s"] = len(rows) / (time.perf_counter() - t0)
         if due_eval:
