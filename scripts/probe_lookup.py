@@ -101,9 +101,10 @@ class Lists:
       raise ValueError("--block_event token/sum show one event per block: use --events 1,1")
     self.offsets = np.cumsum([0, *self.sizes])[:-1]
     self.combos = EVENT + sum(self.sizes)  # --block_event token: combination c is combos + c
+    # --answer_gap: template token j is gap + j; then the separator of a block's events.
     self.gap = self.combos + (int(np.prod(self.sizes)) if args.block_event == "token" else 0)
-    self.sep = self.gap + args.answer_gap  # between a block's (or a question's) events
-    self.vocab = self.sep + (self.max_events > 1)  # --answer_gap: template token j is gap + j
+    self.sep = self.gap + args.answer_gap
+    self.vocab = self.sep + (self.max_events > 1)
     width = len(self.sizes)
     shown = width if args.block_event == "words" else 1
     self.length = (1 + args.blocks * (4 + args.video_marker + shown * self.max_events
@@ -187,10 +188,10 @@ class Lists:
       named = self.named(events)
       for k in (named[int(i)] for i in self.rng.integers(len(named), size=a.questions)):
         seq.append(FIND)
-        for e, event in enumerate(events[k]):
-          first = len(seq) + (e > 0)  # after the separator
-          seq += [self.sep] * (e > 0) + [EVENT + t for t in event]
-          question[row, first:first + len(self.sizes) - 1] = 1.0  # its 2nd, 3rd, ... attribute
+        for e in range(len(events[k])):  # each event's 2nd, 3rd, ... attribute is a target
+          first = len(seq) + e * (len(self.sizes) + 1)
+          question[row, first:first + len(self.sizes) - 1] = 1.0
+        seq += self.words(events[k])
         seq += [self.gap + j for j in range(gap)] + [INDEX + k]
         answer[row, len(seq) - 2] = 1.0
       ids[row, :len(seq)] = seq

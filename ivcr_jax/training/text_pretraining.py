@@ -199,14 +199,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, tokenizer) -> tupl
   def measure(params, gap_of: int) -> dict[str, float]:
     """The held-out stream's figures (`heldout_*`, the whole template); while the follow-ups'
     template is being grown, also the index accuracies on the held-out lists with the gap of
-    training step `gap_of` (`heldout_gap_*`: is the lookup learnt where training reads it?)."""
+    training step `gap_of` (`heldout_gap_*`: is the lookup learnt where training reads it?),
+    until the template is whole again."""
     pooled = lambda rows: _pool([{k: float(v) for k, v in jax.device_get(
         measure_fn(params, _device_batch(b))).items()} for b in rows])
     out = {f"heldout_{k}": v for k, v in pooled(heldout).items()}
     if world_cfg.answer_gap_at(gap_of) is not None:
       gapped = [heldout_at(i, gap_of=gap_of) for i in range(config.data.heldout_batches)]
-      out.update({f"heldout_gap_{k}": v for k, v in pooled(gapped).items()
-                  if k.startswith("index_acc")})
+      grown = all(np.array_equal(g["ids"], h["ids"]) for g, h in zip(gapped, heldout,
+                                                                     strict=True))
+      if not grown:  # once the whole template is back, the figures are `heldout_*`'s
+        out.update({f"heldout_gap_{k}": v for k, v in pooled(gapped).items()
+                    if k.startswith("index_acc")})
     return out
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
